@@ -1,0 +1,1 @@
+"""Triton kernels for LongSpec, installed as vllm_longspec.kernels."""

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Demo on the default target model. Extra args go to the demo.
+# NOTE: vllm_longspec.demo is still being written.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+bash scripts/setup.sh
+exec .venv/bin/python -m vllm_longspec.demo "$@"

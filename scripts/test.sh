@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run the checks: setup (idempotent), ruff, pytest. Extra args go to pytest.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+bash scripts/setup.sh
+
+echo "[test] ruff check ."
+.venv/bin/ruff check .
+
+echo "[test] pytest $*"
+rc=0
+.venv/bin/python -m pytest -x -q -p no:cacheprovider "$@" || rc=$?
+if [[ $rc -eq 5 ]]; then
+    echo "[test] pytest collected no tests; an empty suite counts as a failure" >&2
+fi
+exit "$rc"

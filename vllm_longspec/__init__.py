@@ -1,0 +1,3 @@
+"""vLLM LongSpec plugin."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""User-facing LongSpec settings: parsed and validated once, at engine start-up.
+
+A user asks for LongSpec with ``--speculative-config '{"method": "longspec", ...}'``
+(or ``LLM(speculative_config={...})``). Only the keys below are accepted; anything
+else is rejected with a message that names the key, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+METHOD_NAME = "longspec"
+
+# Defaults of the method (paper and reference code).
+DEFAULT_SLIDING_WINDOW = 512
+DEFAULT_NUM_SPECULATIVE_TOKENS = 4
+MAX_NUM_SPECULATIVE_TOKENS = 16
+
+DraftSampleMethod = Literal["greedy", "probabilistic"]
+
+
+class LongSpecConfigError(ValueError):
+    """A bad ``--speculative-config`` for method "longspec"."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LongSpecConfig:
+    """Validated LongSpec options.
+
+    Attributes:
+        model: directory of the draft (config.json + safetensors).
+        num_speculative_tokens: draft tokens proposed per step (chain length K).
+            ``None`` means: the draft's recommendation, else 4.
+        sliding_window: tokens before the current one that the draft's
+            self-attention sees. ``None`` means: the value the draft was trained
+            with (config.json), else 512.
+        draft_sample_method: "probabilistic" samples draft tokens from the draft
+            distribution and hands its probabilities to the rejection sampler;
+            "greedy" proposes the draft's argmax. Both are lossless; greedy
+            requests always draft greedily.
+    """
+
+    model: str
+    num_speculative_tokens: int | None = None
+    sliding_window: int | None = None
+    draft_sample_method: DraftSampleMethod = "probabilistic"
+
+    @classmethod
+    def allowed_keys(cls) -> tuple[str, ...]:
+        return ("method",) + tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_user_dict(cls, user: dict[str, Any]) -> LongSpecConfig:
+        """Parse the user's speculative-config dict (keys may use '-' or '_')."""
+        options = {str(k).replace("-", "_"): v for k, v in user.items()}
+        unknown = sorted(set(options) - set(cls.allowed_keys()))
+        if unknown:
+            raise LongSpecConfigError(
+                f"Unknown key {unknown[0]!r} in --speculative-config for method "
+                f"{METHOD_NAME!r}. Allowed keys: {', '.join(cls.allowed_keys())}."
+            )
+        if options.get("method") != METHOD_NAME:
+            raise LongSpecConfigError(
+                f"'method' must be {METHOD_NAME!r}, got {options.get('method')!r}."
+            )
+        options.pop("method")
+
+        model = options.get("model")
+        if not isinstance(model, str) or not model:
+            raise LongSpecConfigError(
+                "Key 'model' is required: the directory of a LongSpec draft "
+                "(config.json + safetensors), e.g. one exported by "
+                "`vllm-longspec train`."
+            )
+        k = options.get("num_speculative_tokens")
+        if k is not None and (
+            isinstance(k, bool)
+            or not isinstance(k, int)
+            or not 1 <= k <= MAX_NUM_SPECULATIVE_TOKENS
+        ):
+            raise LongSpecConfigError(
+                f"Key 'num_speculative_tokens' must be an integer in "
+                f"1..{MAX_NUM_SPECULATIVE_TOKENS}, got {k!r}."
+            )
+        window = options.get("sliding_window")
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 1
+        ):
+            raise LongSpecConfigError(
+                f"Key 'sliding_window' must be a positive integer, got {window!r}."
+            )
+        sample = options.get("draft_sample_method", "probabilistic")
+        if sample not in ("greedy", "probabilistic"):
+            raise LongSpecConfigError(
+                "Key 'draft_sample_method' must be 'greedy' or 'probabilistic', "
+                f"got {sample!r}."
+            )
+        return cls(
+            model=model,
+            num_speculative_tokens=k,
+            sliding_window=window,
+            draft_sample_method=sample,
+        )

@@ -1,0 +1,1 @@
+"""The LongSpec draft model for vLLM and its checkpoint format."""

@@ -1,0 +1,272 @@
+"""LongSpec draft checkpoints: the on-disk format, its validation, the name mapping.
+
+A draft directory holds ``config.json`` and one or more ``*.safetensors`` files
+with ONLY the draft block, under the parameter names of the LongSpec reference
+code (sail-sg/LongSpec), optionally prefixed with ``model.``:
+
+    self_attn.{q,k,v}_proj.{weight,bias}   self_attn.o_proj.weight
+    cross_attn.q_proj.{weight,bias}        cross_attn.o_proj.weight
+    cross_attn.{k,v}_proj.{weight,bias}    (present in published checkpoints, unused)
+    mlp.{gate,up,down}_proj.weight
+    input_layernorm.weight  post_self_attention_layernorm.weight
+    post_cross_attention_layernorm.weight
+
+Embedding and LM head are the target's and are never stored. ``config.json`` is an
+HF Llama/Qwen2 config with the target's sizes; drafts exported by this project add
+a ``"longspec"`` section (window, the target they were trained for). Published
+checkpoints have no such section and get the defaults.
+
+Mapping to the vLLM module (``model/draft.py``), which fuses projections:
+
+    self_attn.q_proj / k_proj / v_proj  ->  self_attn.qkv_proj  (shards "q", "k", "v")
+    mlp.gate_proj / up_proj             ->  mlp.gate_up_proj    (shards 0, 1)
+    cross_attn.k_proj / v_proj          ->  dropped (keys/values are the target's)
+    everything else                     ->  same name
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from vllm_longspec.config import DEFAULT_SLIDING_WINDOW
+
+ARCHITECTURE = "LongSpecForCausalLM"
+SUPPORTED_TARGET_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+
+REQUIRED_PARAMS = (
+    "self_attn.q_proj.weight",
+    "self_attn.q_proj.bias",
+    "self_attn.k_proj.weight",
+    "self_attn.k_proj.bias",
+    "self_attn.v_proj.weight",
+    "self_attn.v_proj.bias",
+    "self_attn.o_proj.weight",
+    "cross_attn.q_proj.weight",
+    "cross_attn.q_proj.bias",
+    "cross_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_self_attention_layernorm.weight",
+    "post_cross_attention_layernorm.weight",
+)
+UNUSED_PARAM_PREFIXES = ("cross_attn.k_proj.", "cross_attn.v_proj.")
+SHARED_PARAM_PREFIXES = ("embed_tokens.", "lm_head.")
+
+# (reference name part, fused vLLM parameter, shard id)
+STACKED_PARAMS = (
+    ("self_attn.q_proj", "self_attn.qkv_proj", "q"),
+    ("self_attn.k_proj", "self_attn.qkv_proj", "k"),
+    ("self_attn.v_proj", "self_attn.qkv_proj", "v"),
+    ("mlp.gate_proj", "mlp.gate_up_proj", 0),
+    ("mlp.up_proj", "mlp.gate_up_proj", 1),
+)
+
+
+class DraftCheckpointError(ValueError):
+    """The draft directory is missing, unreadable or does not fit the target."""
+
+
+def canonical_name(name: str) -> str:
+    """Reference parameter name without the optional ``model.`` prefix."""
+    return name.removeprefix("model.")
+
+
+def map_param_name(name: str) -> tuple[str, str | int | None] | None:
+    """Map a checkpoint name to ``(vllm_param_name, shard_id)``; ``None`` = skip."""
+    name = canonical_name(name)
+    if name.startswith(UNUSED_PARAM_PREFIXES + SHARED_PARAM_PREFIXES):
+        return None
+    for ref_part, fused_part, shard in STACKED_PARAMS:
+        if name.startswith(ref_part + "."):
+            return name.replace(ref_part, fused_part, 1), shard
+    return name, None
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftCheckpoint:
+    """What start-up needs to know about a draft directory, read without weights."""
+
+    path: Path
+    config: dict[str, Any]
+    # canonical reference name -> shape
+    shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def longspec(self) -> dict[str, Any]:
+        return self.config.get("longspec") or {}
+
+    @property
+    def sliding_window(self) -> int:
+        return int(self.longspec.get("sliding_window", DEFAULT_SLIDING_WINDOW))
+
+    @property
+    def recommended_num_speculative_tokens(self) -> int | None:
+        return self.longspec.get("num_speculative_tokens")
+
+    @property
+    def safetensors_files(self) -> list[Path]:
+        return sorted(self.path.glob("*.safetensors"))
+
+
+def read_draft_checkpoint(path: str | Path) -> DraftCheckpoint:
+    """Read config.json and safetensors headers; raise a clear error on any problem."""
+    from safetensors import safe_open
+
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise DraftCheckpointError(
+            f"LongSpec draft directory {str(directory)!r} does not exist "
+            "(key 'model' of --speculative-config)."
+        )
+    config_file = directory / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise DraftCheckpointError(
+            f"LongSpec draft directory {str(directory)!r} has no config.json."
+        ) from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise DraftCheckpointError(
+            f"Cannot read {str(config_file)!r}: {err}"
+        ) from err
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise DraftCheckpointError(
+            f"LongSpec draft directory {str(directory)!r} has no *.safetensors file."
+        )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as reader:
+                for key in reader.keys():
+                    shapes[canonical_name(key)] = tuple(reader.get_slice(key).get_shape())
+        except Exception as err:  # safetensors raises several unrelated types
+            raise DraftCheckpointError(
+                f"Cannot read draft weights {str(file)!r}: {err}"
+            ) from err
+
+    missing = [name for name in REQUIRED_PARAMS if name not in shapes]
+    if missing:
+        raise DraftCheckpointError(
+            f"Draft weights in {str(directory)!r} are not a LongSpec draft block: "
+            f"missing {', '.join(missing)}."
+        )
+    return DraftCheckpoint(path=directory, config=config, shapes=shapes)
+
+
+def check_draft_matches_target(draft: DraftCheckpoint, target_hf_config: Any) -> None:
+    """Raise DraftCheckpointError unless the draft fits the target's sizes."""
+    archs = list(getattr(target_hf_config, "architectures", None) or [])
+    if not set(archs) & set(SUPPORTED_TARGET_ARCHITECTURES):
+        raise DraftCheckpointError(
+            f"LongSpec does not support target architecture {archs}: supported are "
+            f"{', '.join(SUPPORTED_TARGET_ARCHITECTURES)}."
+        )
+    hidden = target_hf_config.hidden_size
+    num_heads = target_hf_config.num_attention_heads
+    num_kv_heads = getattr(target_hf_config, "num_key_value_heads", num_heads)
+    head_dim = getattr(target_hf_config, "head_dim", None) or hidden // num_heads
+    expected = {
+        "self_attn.q_proj.weight": (num_heads * head_dim, hidden),
+        "self_attn.k_proj.weight": (num_kv_heads * head_dim, hidden),
+        "self_attn.v_proj.weight": (num_kv_heads * head_dim, hidden),
+        "self_attn.o_proj.weight": (hidden, num_heads * head_dim),
+        "cross_attn.q_proj.weight": (num_heads * head_dim, hidden),
+        "cross_attn.o_proj.weight": (hidden, num_heads * head_dim),
+        "input_layernorm.weight": (hidden,),
+    }
+    for name, shape in expected.items():
+        if draft.shapes[name] != shape:
+            raise DraftCheckpointError(
+                f"Draft {str(draft.path)!r} does not fit the target: {name} has "
+                f"shape {list(draft.shapes[name])}, the target needs {list(shape)} "
+                f"(hidden {hidden}, {num_heads} heads, {num_kv_heads} KV heads, "
+                f"head_dim {head_dim}). Was it trained for another model?"
+            )
+    draft_vocab = draft.config.get("vocab_size")
+    if draft_vocab is not None and draft_vocab != target_hf_config.vocab_size:
+        raise DraftCheckpointError(
+            f"Draft {str(draft.path)!r} was made for a vocabulary of {draft_vocab} "
+            f"tokens, the target has {target_hf_config.vocab_size}."
+        )
+
+
+def draft_config_for_target(
+    target_config: dict[str, Any], longspec: dict[str, Any]
+) -> dict[str, Any]:
+    """config.json of a draft for a target (target's sizes, one layer)."""
+    keys = (
+        "model_type", "hidden_size", "intermediate_size", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "rms_norm_eps", "vocab_size",
+        "max_position_embeddings", "rope_parameters", "rope_theta", "rope_scaling",
+        "bos_token_id", "eos_token_id", "tie_word_embeddings",
+    )
+    config = {k: target_config[k] for k in keys if k in target_config}
+    config.update(
+        architectures=[ARCHITECTURE],
+        num_hidden_layers=1,
+        longspec={"format_version": 1, **longspec},
+    )
+    return config
+
+
+def save_draft(
+    directory: str | Path,
+    state_dict: dict[str, Any],
+    target_config: dict[str, Any],
+    longspec: dict[str, Any],
+) -> Path:
+    """Write a draft directory (reference parameter names, no ``model.`` prefix)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        canonical_name(k): v.detach().contiguous().cpu() for k, v in state_dict.items()
+    }
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = draft_config_for_target(target_config, longspec)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return directory
+
+
+def random_draft_state(
+    target_config: dict[str, Any], seed: int = 0, std: float = 0.02, dtype=None
+) -> dict[str, Any]:
+    """A randomly initialised draft block for a target config (tests, training)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    hidden = target_config["hidden_size"]
+    heads = target_config["num_attention_heads"]
+    kv_heads = target_config.get("num_key_value_heads", heads)
+    head_dim = target_config.get("head_dim") or hidden // heads
+    ffn = target_config["intermediate_size"]
+    shapes = {
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "cross_attn.q_proj": (heads * head_dim, hidden),
+        "cross_attn.o_proj": (hidden, heads * head_dim),
+        "mlp.gate_proj": (ffn, hidden),
+        "mlp.up_proj": (ffn, hidden),
+        "mlp.down_proj": (hidden, ffn),
+    }
+    state = {}
+    for name, shape in shapes.items():
+        state[f"{name}.weight"] = torch.randn(shape, generator=generator) * std
+        if name.endswith(("q_proj", "k_proj", "v_proj")):
+            state[f"{name}.bias"] = torch.zeros(shape[0])
+    for norm in ("input_layernorm", "post_self_attention_layernorm",
+                 "post_cross_attention_layernorm"):
+        state[f"{norm}.weight"] = torch.ones(hidden)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    return state

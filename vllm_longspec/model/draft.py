@@ -1,0 +1,299 @@
+"""The LongSpec draft model inside vLLM (``../shared/longspec-spec.md`` sections 1-2).
+
+One decoder block on top of the target's token embeddings:
+
+    h = embed_target(token)
+    h = h + SelfAttn(RMSNorm1(h))     # causal, sliding window, RoPE, q/k/v with bias
+    h = h + CrossAttn(RMSNorm2(h))    # q only; K/V = target's last-layer cache, as cached
+    h = h + MLP(RMSNorm3(h))          # SwiGLU
+    logits = lm_head_target(h)        # no final norm
+
+Memory: the self-attention is a vLLM ``Attention`` layer with a sliding window,
+so vLLM gives it its own KV cache group whose blocks outside the window are
+freed: the draft's KV per request is bounded by the window, not the context.
+The cross-attention has no KV of its own: it reads the target's last-layer
+cache blocks through the target's block table (see ``paged_attention.py``).
+
+Which rows run the whole block: only a draft token whose logits are sampled
+needs cross-attention and MLP (one row per request and step); every other row
+(prompt tokens, re-fed accepted tokens) only has to leave its self-attention
+K/V in the window cache, which depends on nothing but the token and its
+position. The proposer names the rows in ``CrossAttentionInputs.rows``; the
+hidden states of the other rows are returned half-computed and never sampled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+from vllm_longspec.config import DEFAULT_SLIDING_WINDOW
+from vllm_longspec.model.checkpoint import map_param_name
+from vllm_longspec.model.paged_attention import paged_decode_attention
+
+
+@dataclasses.dataclass
+class CrossAttentionInputs:
+    """What one drafting round's cross-attention reads; set by the proposer."""
+
+    # [num_blocks, num_kv_heads, block_size, head_size] views of the target's
+    # last-layer cache (no copy)
+    target_key_cache: torch.Tensor
+    target_value_cache: torch.Tensor
+    # [num_reqs, max_blocks] the target group's block table
+    block_table: torch.Tensor
+    # [num_reqs] target KV positions 0..n-1 that are verified (same all round)
+    committed_lens: torch.Tensor
+    cpu_isa: str | None
+    # [num_reqs] token index of each request's sampled row in the next forward;
+    # None: the first num_reqs tokens (one per request, the later draft steps)
+    rows: torch.Tensor | None = None
+
+    def take_rows(self, device: torch.device) -> torch.Tensor:
+        rows = self.rows
+        self.rows = None
+        if rows is None:
+            rows = torch.arange(self.committed_lens.shape[0], device=device)
+        return rows.long()
+
+
+def _tp_size() -> int:
+    from vllm.distributed import get_tensor_model_parallel_world_size
+
+    return get_tensor_model_parallel_world_size()
+
+
+class LongSpecSelfAttention(nn.Module):
+    def __init__(
+        self, config, rope_config, window: int, prefix: str, attn_layer_name: str,
+        cache_config,
+    ):
+        super().__init__()
+        tp = _tp_size()
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        self.num_heads = config.num_attention_heads // tp
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            self.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=True,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            bias=False,
+            prefix=f"{prefix}.o_proj",
+        )
+        self.rotary_emb = _target_rope(self.head_dim, rope_config)
+        # vLLM's window counts the query itself; LongSpec's counts the tokens
+        # before it ("a query sees itself and the 512 previous tokens").
+        self.attn = Attention(
+            self.num_heads,
+            self.head_dim,
+            self.head_dim**-0.5,
+            num_kv_heads=self.num_kv_heads,
+            cache_config=cache_config,
+            per_layer_sliding_window=window + 1,
+            prefix=attn_layer_name,
+        )
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        out, _ = self.o_proj(self.attn(q, k, v))
+        return out
+
+
+class LongSpecCrossAttention(nn.Module):
+    """Queries from the draft; keys/values are the target's last layer, as cached."""
+
+    def __init__(self, config, rope_config, prefix: str):
+        super().__init__()
+        tp = _tp_size()
+        self.head_dim = getattr(config, "head_dim", None) or (
+            config.hidden_size // config.num_attention_heads
+        )
+        self.num_heads = config.num_attention_heads // tp
+        self.scale = self.head_dim**-0.5
+        self.q_proj = ColumnParallelLinear(
+            config.hidden_size,
+            config.num_attention_heads * self.head_dim,
+            bias=True,
+            prefix=f"{prefix}.q_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            bias=False,
+            prefix=f"{prefix}.o_proj",
+        )
+        self.rotary_emb = _target_rope(self.head_dim, rope_config)
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [num_reqs]
+        hidden: torch.Tensor,  # [num_reqs, hidden_size]
+        inputs: CrossAttentionInputs,
+    ) -> torch.Tensor:
+        q, _ = self.q_proj(hidden)
+        # RoPE at the draft token's true position; the cached keys are rotated.
+        q, _ = self.rotary_emb(positions, q, None)
+        out = paged_decode_attention(
+            q.view(-1, self.num_heads, self.head_dim),
+            inputs.target_key_cache,
+            inputs.target_value_cache,
+            inputs.block_table,
+            inputs.committed_lens,
+            self.scale,
+            cpu_isa=inputs.cpu_isa,
+        )
+        out, _ = self.o_proj(out.reshape(hidden.shape[0], -1))
+        return out
+
+
+class LongSpecMLP(nn.Module):
+    def __init__(self, config, prefix: str):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size,
+            [config.intermediate_size] * 2,
+            bias=False,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            config.intermediate_size,
+            config.hidden_size,
+            bias=False,
+            prefix=f"{prefix}.down_proj",
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(hidden)
+        out, _ = self.down_proj(self.act_fn(gate_up))
+        return out
+
+
+def _target_rope(head_dim: int, rope_config):
+    return get_rope(
+        head_dim,
+        max_position=rope_config.max_position_embeddings,
+        rope_parameters=getattr(rope_config, "rope_parameters", None),
+        is_neox_style=True,
+    )
+
+
+class LongSpecForCausalLM(nn.Module):
+    """The draft block; embedding and LM head are bound to the target's at load."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        spec = vllm_config.speculative_config
+        # RoPE tables are the target's (same base, scaling and length).
+        rope_config = (
+            spec.target_model_config.hf_text_config if spec is not None else config
+        )
+        settings = getattr(config, "longspec", None) or {}
+        self.sliding_window = int(settings.get("sliding_window", DEFAULT_SLIDING_WINDOW))
+        self.config = config
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        # vLLM keys KV caches by a layer name holding exactly one integer; number
+        # the draft block after the target's layers, as EAGLE drafts do.
+        layer_index = rope_config.num_hidden_layers
+        self.self_attn = LongSpecSelfAttention(
+            config,
+            rope_config,
+            self.sliding_window,
+            prefix=f"{prefix}.self_attn",
+            attn_layer_name=f"{prefix}.layers.{layer_index}.self_attn.attn",
+            cache_config=vllm_config.cache_config,
+        )
+        self.post_self_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.cross_attn = LongSpecCrossAttention(
+            config, rope_config, prefix=f"{prefix}.cross_attn"
+        )
+        self.post_cross_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
+        self.mlp = LongSpecMLP(config, prefix=f"{prefix}.mlp")
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        # Bound to the target's modules by the proposer after loading.
+        self.embed_tokens: nn.Module | None = None
+        self.lm_head: nn.Module | None = None
+        self.cross_attention_inputs: CrossAttentionInputs | None = None
+
+    def bind_target(self, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
+        self.embed_tokens = embed_tokens
+        self.lm_head = lm_head
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        inputs_embeds: torch.Tensor | None = None,
+        **_unused,
+    ) -> torch.Tensor:
+        hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(
+            input_ids
+        )
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
+        inputs = self.cross_attention_inputs
+        if inputs is None:
+            # Warm-up and memory profiling: there is no target cache to read.
+            return hidden
+        rows = inputs.take_rows(hidden.device)
+        row_hidden = hidden[rows]
+        row_hidden = row_hidden + self.cross_attn(
+            positions[rows], self.post_self_attention_layernorm(row_hidden), inputs
+        )
+        row_hidden = row_hidden + self.mlp(
+            self.post_cross_attention_layernorm(row_hidden)
+        )
+        return hidden.index_copy(0, rows, row_hidden)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        for name, tensor in weights:
+            mapped = map_param_name(name)
+            if mapped is None:
+                continue
+            param_name, shard = mapped
+            param = params[param_name]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                loader(param, tensor)
+            else:
+                loader(param, tensor, shard)
+            loaded.add(param_name)
+        return loaded

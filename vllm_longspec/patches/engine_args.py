@@ -1,0 +1,121 @@
+"""Patch: ``vllm.engine.arg_utils.EngineArgs.create_speculative_config``.
+
+Target: the one place where both ``vllm serve`` and ``LLM(...)`` turn the user's
+    ``speculative_config`` dict into vLLM's ``SpeculativeConfig``.
+Why: ``SpeculativeConfig.method`` is a closed ``Literal`` checked by pydantic
+    before any hook runs, so ``"longspec"`` would be rejected.
+How: for ``{"method": "longspec", ...}`` validate the LongSpec keys and the draft
+    directory against the target (clear errors, before anything loads), then
+    let the original build a ``"draft_model"`` config for the same directory and
+    mark its hf_config as a LongSpec draft (architecture, window). Any other
+    config goes to the original untouched.
+When it can go: when vLLM lets plugins register speculative methods.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+from vllm_longspec.config import (
+    DEFAULT_NUM_SPECULATIVE_TOKENS,
+    METHOD_NAME,
+    LongSpecConfig,
+)
+
+_orig_create_speculative_config = None
+
+
+class UnsupportedConfigurationError(ValueError):
+    """LongSpec was asked for together with a vLLM feature it does not support."""
+
+
+def _longspec_request(engine_args) -> dict[str, Any] | None:
+    """The user's LongSpec options, or None when LongSpec was not asked for."""
+    options = dict(engine_args.speculative_config or {})
+    for key, value in (
+        ("method", engine_args.spec_method),
+        ("model", engine_args.spec_model),
+        ("num_speculative_tokens", engine_args.spec_tokens),
+    ):
+        if value is not None:
+            options.setdefault(key, value)
+    return options if options.get("method") == METHOD_NAME else None
+
+
+def check_engine_supported(engine_args, target_parallel_config) -> None:
+    if target_parallel_config.pipeline_parallel_size > 1:
+        raise UnsupportedConfigurationError(
+            "LongSpec does not support pipeline parallelism "
+            "(--pipeline-parallel-size > 1): the draft reads the target's last "
+            "layer cache, which lives on another rank. Use tensor parallelism."
+        )
+    if engine_args.kv_cache_dtype not in (None, "auto"):
+        raise UnsupportedConfigurationError(
+            f"LongSpec does not support --kv-cache-dtype {engine_args.kv_cache_dtype}: "
+            "the draft reads the target's KV cache as stored and needs it "
+            "unquantized. Drop --kv-cache-dtype."
+        )
+
+
+def build_longspec_speculative_config(
+    engine_args, options, target_model_config, target_parallel_config
+):
+    from vllm_longspec.model.checkpoint import (
+        ARCHITECTURE,
+        check_draft_matches_target,
+        read_draft_checkpoint,
+    )
+
+    config = LongSpecConfig.from_user_dict(options)
+    draft = read_draft_checkpoint(config.model)
+    check_draft_matches_target(draft, target_model_config.hf_text_config)
+    check_engine_supported(engine_args, target_parallel_config)
+
+    engine_args.spec_method = engine_args.spec_model = engine_args.spec_tokens = None
+    engine_args.speculative_config = {
+        "method": "draft_model",
+        "model": str(draft.path),
+        "num_speculative_tokens": config.num_speculative_tokens
+        or draft.recommended_num_speculative_tokens
+        or DEFAULT_NUM_SPECULATIVE_TOKENS,
+        "draft_sample_method": config.draft_sample_method,
+        # The draft is one small block run eagerly; no graphs to capture.
+        "enforce_eager": True,
+    }
+    speculative_config = _orig_create_speculative_config(
+        engine_args, target_model_config, target_parallel_config
+    )
+    hf_config = speculative_config.draft_model_config.hf_config
+    hf_config.architectures = [ARCHITECTURE]
+    hf_config.longspec = {
+        **draft.longspec,
+        "sliding_window": config.sliding_window or draft.sliding_window,
+    }
+    speculative_config.update_arch_()
+    # LongSpec drives the V1 model runner; on GPUs vLLM would pick V2.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    return speculative_config
+
+
+def apply() -> None:
+    global _orig_create_speculative_config
+    from vllm.engine.arg_utils import EngineArgs
+
+    if _orig_create_speculative_config is not None:
+        return
+    _orig_create_speculative_config = EngineArgs.create_speculative_config
+
+    @functools.wraps(_orig_create_speculative_config)
+    def create_speculative_config(self, target_model_config, target_parallel_config):
+        options = _longspec_request(self)
+        if options is None:
+            return _orig_create_speculative_config(
+                self, target_model_config, target_parallel_config
+            )
+        return build_longspec_speculative_config(
+            self, options, target_model_config, target_parallel_config
+        )
+
+    EngineArgs.create_speculative_config = create_speculative_config

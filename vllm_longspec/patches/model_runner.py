@@ -1,0 +1,46 @@
+"""Patch: ``vllm.v1.worker.gpu_model_runner.GPUModelRunner.__init__``.
+
+Target: the V1 model runner's constructor (``CPUModelRunner`` inherits it).
+Why: for method "draft_model" the runner builds a plain ``DraftModelProposer``;
+    a LongSpec draft needs ``LongSpecProposer`` (shared embedding and LM head,
+    cross-attention into the target cache, its own KV cache group).
+How: run the original constructor, then, only when the draft is a LongSpec
+    draft, replace ``self.drafter``. ``LongSpecProposer`` subclasses
+    ``DraftModelProposer``, so every ``isinstance`` dispatch in the runner still
+    takes the draft-model branches. Nothing has been loaded at that point.
+When it can go: when vLLM lets plugins provide a proposer for a draft model.
+"""
+
+from __future__ import annotations
+
+import functools
+
+_orig___init__ = None
+
+
+def is_longspec_speculation(vllm_config) -> bool:
+    from vllm_longspec.model.checkpoint import ARCHITECTURE
+
+    spec = vllm_config.speculative_config
+    if spec is None or spec.method != "draft_model" or spec.draft_model_config is None:
+        return False
+    return ARCHITECTURE in (spec.draft_model_config.hf_config.architectures or [])
+
+
+def apply() -> None:
+    global _orig___init__
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    if _orig___init__ is not None:
+        return
+    _orig___init__ = GPUModelRunner.__init__
+
+    @functools.wraps(_orig___init__)
+    def __init__(self, vllm_config, device, *args, **kwargs):
+        _orig___init__(self, vllm_config, device, *args, **kwargs)
+        if is_longspec_speculation(vllm_config) and hasattr(self, "drafter"):
+            from vllm_longspec.proposer import LongSpecProposer
+
+            self.drafter = LongSpecProposer(self.vllm_config, self.device, self)
+
+    GPUModelRunner.__init__ = __init__

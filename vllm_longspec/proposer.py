@@ -1,0 +1,185 @@
+"""LongSpec drafting inside vLLM's V1 model runner (chain of K tokens per step).
+
+``LongSpecProposer`` is vLLM's ``DraftModelProposer`` (a token-input draft model
+with its own KV cache) with three LongSpec specifics:
+
+1. The draft shares the target's embedding and LM head (bound after loading).
+2. Its cross-attention reads the target's last-layer KV cache in place: each
+   round the proposer hands the draft the cache views, the target group's
+   block table, and per request the number of verified target positions
+   (``seq_len - num_rejected``). All draft tokens of a round see that same
+   committed prefix (spec section 2).
+3. Its self-attention layer is a sliding-window layer, so it lives in its own
+   KV cache group. vLLM hands a ``DraftModelProposer`` the metadata of group 0
+   (a target group); the proposer swaps in its own group's block table before
+   the slot mapping is computed from it, so draft K/V never lands in target
+   blocks.
+
+Why the draft's window state is right in every scheduling case: the draft's
+self-attention K/V at position p depends only on the token at p (one layer, no
+input from the target), and the inherited first pass re-feeds, every step,
+exactly the tokens the target just processed that were accepted (rejected ones
+get a padding slot and are not written) plus the bonus token at the next
+position. Hence:
+
+- continuous batching / chunked prefill: each prompt chunk the target runs is
+  fed to the draft in the same step at the same positions;
+- rejected draft tokens: their K/V from drafting sits at positions the next
+  round overwrites before any query can see them (a query at position p only
+  attends positions <= p, all rewritten this round);
+- prefix caching: the draft group is cached with the target's blocks by the
+  hybrid KV cache manager (sliding-window prefix hits keep the window blocks);
+  a hit restores the window as it was written;
+- preemption: vLLM frees the request's blocks in every group, the draft's
+  included, and recomputes the request like a new prefill, which refills the
+  window.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.logger import init_logger
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.utils import extract_layer_index
+from vllm.platforms import current_platform
+from vllm.v1.spec_decode.draft_model import DraftModelProposer
+
+from vllm_longspec.model.draft import CrossAttentionInputs
+from vllm_longspec.model.paged_attention import split_kv_cache
+from vllm_longspec.testing import TestProposer
+
+logger = init_logger(__name__)
+
+
+class LongSpecError(RuntimeError):
+    """A set-up the LongSpec draft cannot serve, found while the engine starts."""
+
+
+class LongSpecProposer(DraftModelProposer):
+    def __init__(self, vllm_config, device: torch.device, runner=None):
+        super().__init__(vllm_config=vllm_config, device=device, runner=runner)
+        self.runner = runner
+        self.target_layer_name: str | None = None
+        self.target_kv_cache_gid = -1
+        self.test_proposer = TestProposer.from_env()
+
+    # ---- loading -------------------------------------------------------------
+
+    def load_model(self, target_model: torch.nn.Module) -> None:
+        self.target_layer_name = self._last_target_attention_layer()
+        super().load_model(target_model)
+        if len(self._draft_attn_layer_names) != 1:
+            raise LongSpecError(
+                "The LongSpec draft must register exactly one KV-cached attention "
+                f"layer, found {sorted(self._draft_attn_layer_names)}."
+            )
+
+    def _last_target_attention_layer(self) -> str:
+        layers = self.vllm_config.compilation_config.static_forward_context
+        attention = {
+            name: layer for name, layer in layers.items() if isinstance(layer, Attention)
+        }
+        if not attention:
+            raise LongSpecError("The target model has no attention layer to read.")
+        name = max(attention, key=extract_layer_index)
+        if attention[name].sliding_window is not None:
+            raise LongSpecError(
+                f"The target's last attention layer {name!r} uses a sliding window; "
+                "LongSpec's cross-attention needs its full KV cache."
+            )
+        return name
+
+    def _maybe_share_embeddings(self, target_language_model: torch.nn.Module) -> None:
+        self.model.bind_target(
+            target_language_model.model.embed_tokens, target_language_model.lm_head
+        )
+
+    def _maybe_share_lm_head(self, target_language_model: torch.nn.Module) -> None:
+        pass  # bound together with the embedding above
+
+    def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
+        super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
+        for gid, group in enumerate(kv_cache_config.kv_cache_groups):
+            if self.target_layer_name in group.layer_names:
+                self.target_kv_cache_gid = gid
+        if self.target_kv_cache_gid < 0:
+            raise LongSpecError(
+                f"Target layer {self.target_layer_name!r} has no KV cache group."
+            )
+
+    # ---- drafting ------------------------------------------------------------
+
+    def _cross_attention_inputs(self, cad, num_rejected_tokens) -> CrossAttentionInputs:
+        num_reqs = cad.num_reqs
+        committed_lens = cad.seq_lens[:num_reqs]
+        if num_rejected_tokens is not None:
+            committed_lens = committed_lens - num_rejected_tokens[:num_reqs]
+        target_layer = self.vllm_config.compilation_config.static_forward_context[
+            self.target_layer_name
+        ]
+        on_cpu = current_platform.is_cpu()
+        key_cache, value_cache = split_kv_cache(
+            target_layer.kv_cache, "cpu" if on_cpu else "split_content"
+        )
+        block_table = self.runner.input_batch.block_table[self.target_kv_cache_gid]
+        return CrossAttentionInputs(
+            target_key_cache=key_cache,
+            target_value_cache=value_cache,
+            block_table=block_table.get_device_tensor(num_reqs),
+            committed_lens=committed_lens.to(torch.int32),
+            cpu_isa=getattr(target_layer, "isa", None) if on_cpu else None,
+        )
+
+    def propose(
+        self,
+        num_speculative_tokens,
+        target_token_ids,
+        target_positions,
+        target_hidden_states,
+        next_token_ids,
+        token_indices_to_sample,
+        common_attn_metadata,
+        sampling_metadata,
+        mm_embed_inputs=None,
+        num_rejected_tokens_gpu=None,
+        slot_mappings=None,
+    ) -> torch.Tensor:
+        cad = common_attn_metadata
+        inputs = self._cross_attention_inputs(cad, num_rejected_tokens_gpu)
+        draft_block_table = self.runner.input_batch.block_table[self.kv_cache_gid]
+        cad = cad.replace(
+            block_table_tensor=draft_block_table.get_device_tensor(
+                cad.block_table_tensor.shape[0]
+            )
+        )
+        self.model.cross_attention_inputs = inputs
+        try:
+            draft_token_ids = super().propose(
+                num_speculative_tokens,
+                target_token_ids,
+                target_positions,
+                target_hidden_states,
+                next_token_ids,
+                token_indices_to_sample,
+                cad,
+                sampling_metadata,
+                mm_embed_inputs=mm_embed_inputs,
+                num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+                slot_mappings=slot_mappings,
+            )
+        finally:
+            self.model.cross_attention_inputs = None
+        if self.test_proposer is not None:
+            draft_token_ids = self.test_proposer.override(
+                draft_token_ids, self.runner, inputs.committed_lens
+            )
+            self._last_draft_probs = None
+        return draft_token_ids
+
+    def set_inputs_first_pass(self, *args, **kwargs):
+        num_tokens, token_indices_to_sample, cad = super().set_inputs_first_pass(
+            *args, **kwargs
+        )
+        # Only the sampled row of each request needs the full block.
+        self.model.cross_attention_inputs.rows = token_indices_to_sample
+        return num_tokens, token_indices_to_sample, cad

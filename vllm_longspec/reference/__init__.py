@@ -1,0 +1,1 @@
+"""Plain-torch references: slow, obviously correct, same signatures as the fast paths."""

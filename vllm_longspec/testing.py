@@ -1,0 +1,76 @@
+"""Test-only proposer modes, switched on by an environment variable.
+
+A randomly initialised draft is almost never accepted, so on its own it cannot
+test multi-token acceptance. With
+
+    VLLM_LONGSPEC_TEST_PROPOSER='{"replay": "/path/recorded.json", "corrupt_every": 3}'
+
+the LongSpec proposer still runs the real draft every step (so the draft's
+window cache, cross-attention and KV bookkeeping run exactly as in production)
+but then replaces its proposals by the continuation recorded from a plain greedy
+run (``{"sequences": [{"prompt_token_ids": [...], "output_token_ids": [...]}]}``):
+every draft is accepted. With ``corrupt_every = m`` the draft for every output
+index that is a multiple of m is replaced by a different token, forcing a
+rejection at a varying position in the chain. Proposals are deterministic
+(no draft probabilities), which vLLM's rejection sampler treats losslessly.
+The variable is read in the worker process; production never sets it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+ENV_VAR = "VLLM_LONGSPEC_TEST_PROPOSER"
+
+
+@dataclasses.dataclass
+class TestProposer:
+    __test__ = False  # not a pytest class
+
+    # prompt token ids -> recorded greedy output token ids
+    recorded: dict[tuple[int, ...], list[int]]
+    corrupt_every: int = 0
+
+    @classmethod
+    def from_env(cls) -> TestProposer | None:
+        raw = os.environ.get(ENV_VAR)
+        if not raw:
+            return None
+        options = json.loads(raw)
+        with open(options["replay"]) as f:
+            sequences = json.load(f)["sequences"]
+        recorded = {
+            tuple(seq["prompt_token_ids"]): list(seq["output_token_ids"])
+            for seq in sequences
+        }
+        return cls(recorded, int(options.get("corrupt_every", 0)))
+
+    def override(
+        self,
+        draft_token_ids: torch.Tensor,  # [num_reqs, K]
+        runner,
+        committed_lens: torch.Tensor,  # [num_reqs] position of each bonus token
+    ) -> torch.Tensor:
+        drafts = draft_token_ids.clone()
+        num_reqs, num_drafts = drafts.shape
+        vocab_size = runner.input_batch.vocab_size
+        for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
+            state = runner.requests[req_id]
+            outputs = self.recorded.get(tuple(state.prompt_token_ids))
+            if outputs is None:
+                continue
+            # The bonus token is output number `bonus`; drafts follow it.
+            bonus = int(committed_lens[i]) - len(state.prompt_token_ids)
+            for k in range(num_drafts):
+                index = bonus + 1 + k
+                if index < 0 or index >= len(outputs):
+                    continue
+                token = outputs[index]
+                if self.corrupt_every and index % self.corrupt_every == 0:
+                    token = (token + 1) % vocab_size
+                drafts[i, k] = token
+        return drafts
