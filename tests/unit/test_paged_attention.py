@@ -1,0 +1,145 @@
+"""The draft's cross-attention read of a paged cache, against the torch reference.
+
+On CPU the target cache is written by vLLM's own ``cpu_attn_reshape_and_cache``
+(which packs keys in an ISA-specific order), exactly as the target's attention
+layers write it; the reference attends the same tokens stored as plain rows.
+Also pins the window semantics of vLLM's CPU kernel that the draft's
+self-attention relies on: ``sliding_window = n`` lets a query see itself and the
+n - 1 tokens before it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_longspec.model.paged_attention import paged_decode_attention, split_kv_cache
+from vllm_longspec.reference.paged_attention import (
+    paged_decode_attention as reference_attention,
+)
+
+TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+BLOCK_SIZE = 128
+
+
+def _cpu_isa(dtype, head_size):
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, BLOCK_SIZE, head_size)
+
+
+class PagedCache:
+    """Random K/V for ragged requests, stored twice under one shuffled block table:
+    in vLLM's CPU format (written by vLLM) and as plain rows (for the reference)."""
+
+    def __init__(self, seq_lens, num_kv_heads, head_size, dtype, gen):
+        from vllm import _custom_ops as ops
+
+        blocks_per_req = [-(-n // BLOCK_SIZE) for n in seq_lens]
+        num_blocks = sum(blocks_per_req) + 3
+        order = torch.randperm(num_blocks - 1, generator=gen) + 1  # block 0 unused
+        self.block_table = torch.zeros(len(seq_lens), max(blocks_per_req) + 2,
+                                       dtype=torch.int32)
+        start = 0
+        for i, n in enumerate(blocks_per_req):
+            self.block_table[i, :n] = order[start:start + n]
+            start += n
+        shape = (num_blocks, num_kv_heads, BLOCK_SIZE, head_size)
+        self.plain_keys = torch.zeros(shape, dtype=dtype)
+        self.plain_values = torch.zeros(shape, dtype=dtype)
+        self.kv_cache = torch.zeros(num_blocks, num_kv_heads, BLOCK_SIZE,
+                                    2 * head_size, dtype=dtype)
+        keys, values = split_kv_cache(self.kv_cache, "cpu")
+        for i, n in enumerate(seq_lens):
+            k = torch.randn(n, num_kv_heads, head_size, generator=gen).to(dtype)
+            v = torch.randn(n, num_kv_heads, head_size, generator=gen).to(dtype)
+            pos = torch.arange(n)
+            block = self.block_table[i, pos // BLOCK_SIZE].long()
+            self.plain_keys[block, :, pos % BLOCK_SIZE] = k
+            self.plain_values[block, :, pos % BLOCK_SIZE] = v
+            slots = block * BLOCK_SIZE + pos % BLOCK_SIZE
+            ops.cpu_attn_reshape_and_cache(k, v, keys, values, slots,
+                                           _cpu_isa(dtype, head_size))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (8, 8), (8, 1)])
+@pytest.mark.parametrize("head_size", [64, 128])
+def test_cpu_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_size):
+    gen = torch.Generator().manual_seed(num_heads * 1000 + head_size)
+    seq_lens = torch.tensor([1, 127, 128, 129, 1000, 4097], dtype=torch.int32)
+    cache = PagedCache(seq_lens.tolist(), num_kv_heads, head_size, dtype, gen)
+    query = torch.randn(len(seq_lens), num_heads, head_size, generator=gen).to(dtype)
+    keys, values = split_kv_cache(cache.kv_cache, "cpu")
+    before = cache.kv_cache.clone()
+    scale = head_size**-0.5
+
+    expected, _ = reference_attention(query, cache.plain_keys, cache.plain_values,
+                                      cache.block_table, seq_lens, scale)
+    got = paged_decode_attention(query, keys, values, cache.block_table, seq_lens,
+                                 scale, cpu_isa=_cpu_isa(dtype, head_size))
+
+    torch.testing.assert_close(got.float(), expected.float(),
+                               atol=TOLERANCES[dtype], rtol=TOLERANCES[dtype])
+    assert torch.equal(cache.kv_cache, before), "the target cache must not change"
+
+
+def test_reference_fallback_reads_split_content_layout():
+    gen = torch.Generator().manual_seed(1)
+    seq_lens = torch.tensor([3, 300], dtype=torch.int32)
+    cache = PagedCache(seq_lens.tolist(), 3, 64, torch.float32, gen)
+    gpu_layout = torch.cat([cache.plain_keys, cache.plain_values], dim=-1)
+    keys, values = split_kv_cache(gpu_layout, "split_content")
+    query = torch.randn(2, 9, 64, generator=gen)
+    expected, _ = reference_attention(query, cache.plain_keys, cache.plain_values,
+                                      cache.block_table, seq_lens, 0.125)
+    got = paged_decode_attention(query, keys, values, cache.block_table, seq_lens,
+                                 0.125, cpu_isa=None)
+    torch.testing.assert_close(got, expected)
+
+
+def test_split_kv_cache_views():
+    kv_cache = torch.arange(2 * 3 * 4 * 10, dtype=torch.float32).view(2, 3, 4, 10)
+    keys, values = split_kv_cache(kv_cache, "cpu")
+    page = kv_cache[1, 2].reshape(8, 5)
+    assert torch.equal(keys[1, 2], page[:4]) and torch.equal(values[1, 2], page[4:])
+    keys, values = split_kv_cache(kv_cache, "split_content")
+    assert torch.equal(keys, kv_cache[..., :5])
+    assert torch.equal(values, kv_cache[..., 5:])
+    assert keys.data_ptr() == kv_cache.data_ptr(), "views, not copies"
+
+
+@pytest.mark.parametrize("window", [40, 127, 128])
+def test_vllm_cpu_window_counts_the_query_itself(window):
+    """The draft passes window + 1 to vLLM to see itself and `window` tokens."""
+    from vllm import _custom_ops as ops
+
+    gen = torch.Generator().manual_seed(window)
+    heads, head_size, length = 2, 64, 300
+    cache = PagedCache([length], heads, head_size, torch.float32, gen)
+    keys, values = split_kv_cache(cache.kv_cache, "cpu")
+    query = torch.randn(1, heads, head_size, generator=gen)
+    seq_lens = torch.tensor([length], dtype=torch.int32)
+    query_start_loc = torch.tensor([0, 1], dtype=torch.int32)
+    isa = _cpu_isa(torch.float32, head_size)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=1, num_heads=heads, num_kv_heads=heads, head_dim=head_size,
+        seq_lens=seq_lens, dtype=torch.float32, query_start_loc=query_start_loc,
+        causal=True, sliding_window_size=window + 1, isa=isa, enable_kv_split=False)
+    out = torch.empty_like(query)
+    ops.cpu_attention_with_kv_cache(
+        query=query, key_cache=keys, value_cache=values, output=out,
+        query_start_loc=query_start_loc, seq_lens=seq_lens, scale=head_size**-0.5,
+        causal=True, alibi_slopes=None, sliding_window=window + 1,
+        block_table=cache.block_table, softcap=0.0, scheduler_metadata=metadata,
+        s_aux=None)
+
+    # The query sits at position length - 1 and sees positions [start, length).
+    start = length - 1 - window
+    blocks = cache.block_table[0, :3].long()
+    dense_k = cache.plain_keys[blocks].permute(1, 0, 2, 3).reshape(heads, -1, head_size)
+    dense_v = cache.plain_values[blocks].permute(1, 0, 2, 3).reshape(heads, -1, head_size)
+    scores = torch.einsum("hd,hkd->hk", query[0], dense_k[:, start:length])
+    probs = (scores * head_size**-0.5).softmax(-1)
+    expected = torch.einsum("hk,hkd->hd", probs, dense_v[:, start:length])
+    torch.testing.assert_close(out[0], expected, atol=2e-5, rtol=2e-5)

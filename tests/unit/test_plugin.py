@@ -1,0 +1,48 @@
+"""Plugin registration: discovery, idempotence, the vLLM version gate."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+
+from vllm_longspec import plugin
+
+
+def test_entry_point_is_discoverable():
+    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert names.get("longspec") == "vllm_longspec.plugin:register"
+
+
+def test_register_is_idempotent():
+    from vllm import ModelRegistry
+    from vllm.engine.arg_utils import EngineArgs
+
+    plugin.register()
+    wrapped = EngineArgs.create_speculative_config
+    plugin.register()
+    plugin._registered = False  # even a second full pass must not wrap twice
+    plugin.register()
+    assert EngineArgs.create_speculative_config is wrapped
+    assert "LongSpecForCausalLM" in ModelRegistry.get_supported_archs()
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.7", "0.32.1rc1"])
+def test_supported_versions(version):
+    plugin.check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.31.2", "0.33.0", "1.0.0"])
+def test_other_versions_fail_clearly(version, monkeypatch):
+    monkeypatch.delenv(plugin.VERSION_OVERRIDE_ENV, raising=False)
+    with pytest.raises(plugin.UnsupportedVLLMVersionError,
+                       match=f"supports vLLM 0.32.x, found vLLM {version}"):
+        plugin.check_vllm_version(version)
+    monkeypatch.setenv(plugin.VERSION_OVERRIDE_ENV, "1")
+    plugin.check_vllm_version(version)
+
+
+def test_installed_vllm_is_the_pinned_one():
+    import vllm
+
+    plugin.check_vllm_version(vllm.__version__)
