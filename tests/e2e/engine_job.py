@@ -1,0 +1,102 @@
+"""Run one vLLM engine in its own process and report outputs and counters as JSON.
+
+Usage: python engine_job.py JOB.json RESULT.json
+
+Each end-to-end test starts engines through this script so that every engine
+gets a fresh process (its own environment, memory and shutdown) and the tests
+only compare results. A job names the engine settings and a list of phases; a
+phase generates for all prompts at once ("batch") or one prompt at a time
+("single"), greedily, and records the token ids and the change of vLLM's
+counters (spec-decode, prefix cache, preemptions) during the phase.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+COUNTERS = (
+    "vllm:spec_decode_num_drafts",
+    "vllm:spec_decode_num_draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens",
+    "vllm:prefix_cache_hits",
+    "vllm:num_preemptions",
+)
+
+
+def read_counters(llm) -> dict:
+    values: dict = {}
+    for metric in llm.get_metrics():
+        if metric.name in COUNTERS:
+            values[metric.name] = values.get(metric.name, 0) + metric.value
+        elif metric.name == "vllm:spec_decode_num_accepted_tokens_per_pos":
+            values[metric.name] = list(metric.values)
+    return values
+
+
+def counter_delta(before: dict, after: dict) -> dict:
+    delta = {}
+    for name, value in after.items():
+        if isinstance(value, list):
+            old = before.get(name) or [0] * len(value)
+            delta[name] = [a - b for a, b in zip(value, old)]
+        else:
+            delta[name] = value - before.get(name, 0)
+    return delta
+
+
+def run(job: dict) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = LLM(
+        model=job["model"],
+        dtype=job.get("dtype", "float32"),
+        max_model_len=job.get("max_model_len", 8192),
+        max_num_seqs=job.get("max_num_seqs", 8),
+        max_num_batched_tokens=job.get("max_num_batched_tokens", 2048),
+        enable_prefix_caching=job.get("enable_prefix_caching", True),
+        speculative_config=job.get("speculative_config"),
+        kv_cache_memory_bytes=job.get("kv_cache_memory_bytes", 3 << 30),
+        enforce_eager=True,
+        disable_log_stats=False,
+        seed=0,
+    )
+    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"],
+                            ignore_eos=job.get("ignore_eos", False))
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job.get("prompts", [])]
+    result: dict = {"phases": {}}
+    for phase in job["phases"]:
+        before = read_counters(llm)
+        if phase["mode"] == "batch":
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+        elif phase["mode"] == "single":
+            outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+        elif phase["mode"] == "chat":
+            outputs = llm.chat(phase["messages"], params, use_tqdm=False)
+        elif phase["mode"] == "text":
+            outputs = llm.generate(phase["texts"], params, use_tqdm=False)
+        else:
+            raise ValueError(phase["mode"])
+        result["phases"][phase["name"]] = {
+            "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+            "texts": [o.outputs[0].text for o in outputs],
+            "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs],
+            "counters": counter_delta(before, read_counters(llm)),
+        }
+    return result
+
+
+def main() -> None:
+    job_path, result_path = sys.argv[1], sys.argv[2]
+    with open(job_path) as f:
+        job = json.load(f)
+    os.environ.update(job.get("env", {}))
+    result = run(job)
+    with open(result_path, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
