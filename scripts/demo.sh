@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
 # Demo on the default target model. Extra args go to the demo.
-# NOTE: vllm_longspec.demo is still being written.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -43,7 +43,7 @@ def _chat_ids(tokenizer, content: str) -> list[int]:
 @pytest.fixture(scope="session")
 def long_prompts(tokenizer) -> list[list[int]]:
     prompts = []
-    for i, (length, module) in enumerate(zip(PROMPT_LENGTHS, SOURCE_MODULES)):
+    for i, (length, module) in enumerate(zip(PROMPT_LENGTHS, SOURCE_MODULES, strict=True)):
         source_ids = tokenizer(_module_source(module))["input_ids"]
         assert len(source_ids) >= length, module
         if i % 2 == 0:  # continue the code
@@ -83,5 +83,5 @@ def recorded_continuations(tmp_path_factory, long_prompts, plain_outputs) -> Pat
     path = tmp_path_factory.mktemp("replay") / "recorded.json"
     path.write_text(json.dumps({"sequences": [
         {"prompt_token_ids": p, "output_token_ids": o}
-        for p, o in zip(long_prompts, plain_outputs)]}))
+        for p, o in zip(long_prompts, plain_outputs, strict=True)]}))
     return path

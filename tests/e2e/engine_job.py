@@ -40,10 +40,33 @@ def counter_delta(before: dict, after: dict) -> dict:
     for name, value in after.items():
         if isinstance(value, list):
             old = before.get(name) or [0] * len(value)
-            delta[name] = [a - b for a, b in zip(value, old)]
+            delta[name] = [a - b for a, b in zip(value, old, strict=True)]
         else:
             delta[name] = value - before.get(name, 0)
     return delta
+
+
+def kv_bytes_per_group(llm, prompt, params) -> list[dict]:
+    """Run one request step by step; after each decode step, the KV bytes it
+    holds in every KV cache group (needs VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    scheduler = llm.llm_engine.engine_core.engine_core.scheduler
+    groups = scheduler.kv_cache_config.kv_cache_groups
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    llm.llm_engine.add_request("kv-probe", prompt, params)
+    samples = []
+    while llm.llm_engine.has_unfinished_requests():
+        outputs = llm.llm_engine.step()
+        if not any(o.outputs and o.outputs[0].token_ids for o in outputs):
+            continue  # still in prefill
+        sample = {}
+        for group, manager in zip(groups, managers, strict=True):
+            blocks = [b for req_blocks in manager.req_to_blocks.values()
+                      for b in req_blocks if not b.is_null]
+            name = ",".join(group.layer_names)
+            sample[name] = {"blocks": len(blocks),
+                            "bytes": len(blocks) * group.kv_cache_spec.page_size_bytes}
+        samples.append(sample)
+    return samples
 
 
 def run(job: dict) -> dict:
@@ -75,6 +98,10 @@ def run(job: dict) -> dict:
             outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
         elif phase["mode"] == "chat":
             outputs = llm.chat(phase["messages"], params, use_tqdm=False)
+        elif phase["mode"] == "kv_bytes":
+            result["phases"][phase["name"]] = {
+                "samples": [kv_bytes_per_group(llm, p, params) for p in prompts]}
+            continue
         elif phase["mode"] == "text":
             outputs = llm.generate(phase["texts"], params, use_tqdm=False)
         else:

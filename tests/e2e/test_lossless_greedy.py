@@ -22,10 +22,15 @@ def _longspec(draft_dir, k=4):
     return {"method": "longspec", "model": str(draft_dir), "num_speculative_tokens": k}
 
 
+def _first_difference(got: list[int], want: list[int]) -> int:
+    common = min(len(got), len(want))
+    return next((j for j in range(common) if got[j] != want[j]), common)
+
+
 def _assert_identical(outputs, reference):
     for i, (got, want) in enumerate(zip(outputs, reference, strict=True)):
         assert got == want, f"prompt {i}: first difference at token " + str(
-            next(j for j, (a, b) in enumerate(zip(got + [-1], want + [-2])) if a != b))
+            _first_difference(got, want))
 
 
 def test_random_draft_batched_single_and_prefix_hit(
@@ -85,11 +90,17 @@ def test_partial_rejections(tmp_path, target_dir, random_draft_dir, long_prompts
 
 def test_preemption(tmp_path, target_dir, random_draft_dir, long_prompts,
                     plain_outputs, recorded_continuations):
-    """A KV cache too small for the batch: vLLM preempts and recomputes."""
+    """A KV cache too small for the batch: vLLM preempts and recomputes.
+
+    Large prefill chunks put all 8 requests (31k prompt tokens) in the running
+    set quickly; the cache holds about 19k tokens, so the later chunks of the
+    long prompts cannot be allocated and vLLM preempts running requests.
+    """
     result = run_engine_job(tmp_path, {
         "model": str(target_dir), "prompts": long_prompts, "max_tokens": MAX_TOKENS,
         "speculative_config": _longspec(random_draft_dir),
-        "kv_cache_memory_bytes": 600 << 20,
+        "kv_cache_memory_bytes": 900 << 20,
+        "max_num_batched_tokens": 8192,
         "env": {"VLLM_LONGSPEC_TEST_PROPOSER": json.dumps(
             {"replay": str(recorded_continuations), "corrupt_every": 5})},
         "phases": [{"name": "batch", "mode": "batch"}],

@@ -1,0 +1,168 @@
+"""Every vLLM symbol the plugin wraps, overrides or calls, pinned.
+
+A vLLM upgrade that changes any of them turns into one red test here instead of
+a crash while serving. Wrapped and overridden symbols are pinned to their exact
+parameter lists; for the rest, the parameters we pass must exist. Attributes
+and behaviours read from vLLM objects are checked in the source they live in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+
+import pytest
+
+# (module, qualified name, exact parameter names): wrapped or overridden.
+PINNED_EXACTLY = [
+    ("vllm.engine.arg_utils", "EngineArgs.create_speculative_config",
+     ["self", "target_model_config", "target_parallel_config"]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.__init__",
+     ["self", "vllm_config", "device"]),
+    ("vllm.v1.spec_decode.draft_model", "DraftModelProposer.__init__",
+     ["self", "vllm_config", "device", "runner"]),
+    ("vllm.v1.spec_decode.draft_model", "DraftModelProposer.propose",
+     ["self", "num_speculative_tokens", "target_token_ids", "target_positions",
+      "target_hidden_states", "next_token_ids", "token_indices_to_sample",
+      "common_attn_metadata", "sampling_metadata", "mm_embed_inputs",
+      "num_rejected_tokens_gpu", "slot_mappings"]),
+    ("vllm.v1.spec_decode.draft_model", "DraftModelProposer.set_inputs_first_pass",
+     ["self", "target_token_ids", "next_token_ids", "target_positions",
+      "target_hidden_states", "token_indices_to_sample", "cad",
+      "num_rejected_tokens_gpu"]),
+    ("vllm.v1.spec_decode.draft_model", "DraftModelProposer.load_model",
+     ["self", "target_model"]),
+    ("vllm.v1.spec_decode.draft_model", "DraftModelProposer.initialize_attn_backend",
+     ["self", "kv_cache_config", "kernel_block_sizes"]),
+    ("vllm.v1.spec_decode.draft_model", "DraftModelProposer._maybe_share_embeddings",
+     ["self", "target_language_model"]),
+    ("vllm.v1.spec_decode.draft_model", "DraftModelProposer._maybe_share_lm_head",
+     ["self", "target_language_model"]),
+]
+
+# (module, qualified name, parameters we pass): called.
+CALLED_WITH = [
+    ("vllm.config.speculative", "SpeculativeConfig.update_arch_", []),
+    ("vllm.v1.worker.block_table", "BlockTable.get_device_tensor", ["num_reqs"]),
+    ("vllm._custom_ops", "cpu_attn_get_scheduler_metadata",
+     ["num_reqs", "num_heads", "num_kv_heads", "head_dim", "seq_lens", "dtype",
+      "query_start_loc", "causal", "sliding_window_size", "isa", "enable_kv_split"]),
+    ("vllm._custom_ops", "cpu_attention_with_kv_cache",
+     ["query", "key_cache", "value_cache", "output", "query_start_loc", "seq_lens",
+      "scale", "causal", "alibi_slopes", "sliding_window", "block_table", "softcap",
+      "scheduler_metadata", "s_aux"]),
+    ("vllm._custom_ops", "cpu_attn_reshape_and_cache",
+     ["key", "value", "key_cache", "value_cache", "slot_mapping", "isa"]),
+    ("vllm.v1.attention.backends.cpu_attn", "_get_attn_isa",
+     ["dtype", "block_size", "head_size"]),
+    ("vllm.model_executor.layers.attention", "Attention.__init__",
+     ["num_heads", "head_size", "scale", "num_kv_heads", "cache_config",
+      "per_layer_sliding_window", "prefix"]),
+    ("vllm.model_executor.layers.rotary_embedding", "get_rope",
+     ["head_size", "max_position", "rope_parameters", "is_neox_style"]),
+    ("vllm.model_executor.layers.linear", "QKVParallelLinear.__init__",
+     ["hidden_size", "head_size", "total_num_heads", "total_num_kv_heads", "bias",
+      "prefix"]),
+    ("vllm.model_executor.layers.linear", "ColumnParallelLinear.__init__",
+     ["input_size", "output_size", "bias", "prefix"]),
+    ("vllm.model_executor.layers.linear", "RowParallelLinear.__init__",
+     ["input_size", "output_size", "bias", "prefix"]),
+    ("vllm.model_executor.layers.linear", "MergedColumnParallelLinear.__init__",
+     ["input_size", "output_sizes", "bias", "prefix"]),
+    ("vllm.model_executor.layers.layernorm", "RMSNorm.__init__",
+     ["hidden_size", "eps"]),
+    ("vllm.model_executor.layers.logits_processor", "LogitsProcessor.__init__",
+     ["vocab_size"]),
+    ("vllm.model_executor.model_loader.weight_utils", "default_weight_loader",
+     ["param", "loaded_weight"]),
+    ("vllm.model_executor.models.utils", "extract_layer_index", ["layer_name"]),
+    ("vllm", "ModelRegistry.register_model", ["model_arch", "model_cls"]),
+    ("vllm", "ModelRegistry.get_supported_archs", []),
+    ("vllm.distributed", "get_tensor_model_parallel_world_size", []),
+    ("vllm.model_executor.layers.activation", "SiluAndMul.__init__", []),
+]
+
+# (module, qualified name, substrings its source must contain): behaviours we rely on.
+SOURCE_FACTS = [
+    # Draft layers = attention layers added by the draft; the draft KV group id.
+    ("vllm.v1.spec_decode.llm_base_proposer", "SpecDecodeBaseProposer.load_model",
+     ["_draft_attn_layer_names", "_maybe_share_embeddings", "_maybe_share_lm_head"]),
+    ("vllm.v1.spec_decode.llm_base_proposer",
+     "SpecDecodeBaseProposer.initialize_attn_backend", ["self.kv_cache_gid = gid"]),
+    # The first pass computes the slot mapping from cad.block_table_tensor.
+    ("vllm.v1.spec_decode.utils", "compute_new_slot_mapping",
+     ["cad.block_table_tensor", "is_rejected_token_mask"]),
+    ("vllm.v1.spec_decode.llm_base_proposer",
+     "SpecDecodeBaseProposer.take_last_draft_probs", ["_last_draft_probs"]),
+    # The runner builds a DraftModelProposer for draft_model and hands it group 0.
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.__init__",
+     ["uses_draft_model()", "DraftModelProposer("]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.propose_draft_token_ids",
+     ["uses_draft_model()", "num_rejected_tokens_gpu=num_rejected_tokens_gpu"]),
+    # The CPU backend stamps its ISA on the layers; the draft reads it.
+    ("vllm.v1.attention.backends.cpu_attn",
+     "CPUAttentionMetadataBuilder._set_isa_to_layers", ["layer.isa = self.isa"]),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward",
+     ["kv_cache.view((num_blocks, num_kv_heads, block_size * 2, -1))"]),
+    # Plugins are loaded before the speculative config is built.
+    ("vllm.engine.arg_utils", "EngineArgs.__post_init__", ["load_general_plugins()"]),
+    ("vllm.engine.arg_utils", "EngineArgs.create_engine_config",
+     ["self.create_speculative_config("]),
+    ("vllm.plugins", "load_general_plugins", ["DEFAULT_PLUGINS_GROUP"]),
+]
+
+
+def _resolve(module: str, qualname: str):
+    obj = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _parameters(obj) -> list[str]:
+    return list(inspect.signature(obj).parameters)
+
+
+@pytest.mark.parametrize("module,qualname,expected", PINNED_EXACTLY,
+                         ids=[q for _, q, _ in PINNED_EXACTLY])
+def test_wrapped_and_overridden_signatures(module, qualname, expected):
+    assert _parameters(_resolve(module, qualname)) == expected
+
+
+@pytest.mark.parametrize("module,qualname,passed", CALLED_WITH,
+                         ids=[q for _, q, _ in CALLED_WITH])
+def test_called_symbols_take_our_arguments(module, qualname, passed):
+    parameters = _parameters(_resolve(module, qualname))
+    missing = [p for p in passed if p not in parameters]
+    assert not missing, f"{qualname} lost parameters {missing}"
+
+
+@pytest.mark.parametrize("module,qualname,needles", SOURCE_FACTS,
+                         ids=[q for _, q, _ in SOURCE_FACTS])
+def test_behaviours_we_rely_on(module, qualname, needles):
+    source = inspect.getsource(_resolve(module, qualname))
+    for needle in needles:
+        assert needle in source, f"{qualname} no longer contains {needle!r}"
+
+
+def test_config_fields_we_read_and_write():
+    from vllm.config.speculative import SpeculativeConfig
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    engine_fields = {f.name for f in dataclasses.fields(EngineArgs)}
+    assert {"speculative_config", "spec_method", "spec_model", "spec_tokens",
+            "kv_cache_dtype"} <= engine_fields
+    spec_fields = set(SpeculativeConfig.__dataclass_fields__)
+    assert {"method", "model", "num_speculative_tokens", "draft_sample_method",
+            "enforce_eager", "draft_model_config"} <= spec_fields
+    assert {"seq_lens", "block_table_tensor", "num_reqs"} <= set(
+        CommonAttentionMetadata.__dataclass_fields__)
+    assert "draft_model" in str(SpeculativeConfig.__annotations__["method"])
+
+
+def test_plugin_group_name():
+    from vllm.plugins import DEFAULT_PLUGINS_GROUP
+
+    assert DEFAULT_PLUGINS_GROUP == "vllm.general_plugins"

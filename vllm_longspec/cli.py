@@ -1,0 +1,40 @@
+"""The ``vllm-longspec`` command: one subcommand per tool.
+
+    vllm-longspec train --config CONFIG [--resume]    train a draft (train/cli.py)
+
+Subcommands import their module only when run, so ``vllm-longspec train``
+works without vLLM installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+
+def _train(argv: list[str]) -> int:
+    from vllm_longspec.train.cli import main
+
+    return main(argv)
+
+
+# name -> (one-line help, runner taking the subcommand's own argv)
+SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
+    "train": ("train a LongSpec draft for a target model", _train),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = argparse.ArgumentParser(prog="vllm-longspec")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (help_text, _) in SUBCOMMANDS.items():
+        commands.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv[:1])
+    _, run = SUBCOMMANDS[args.command]
+    return run(argv[1:] + rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The training loop: stages of AdamW steps, checkpoints, exact resume, export.
+
+Per optimiser step: set the stage's warmup+cosine lr, take ``grad_accum``
+micro-batches from the stage's packed stream, draw AOI positions and the noise
+shift from the step's own generator, backpropagate each micro-batch's share of
+the loss, clip the gradient norm, step AdamW. Every ``checkpoint_every`` steps
+(and at the end of each stage) the full trainer state goes atomically to
+``output_dir/checkpoint-last.pt`` and the loss curve is redrawn; at the end the
+draft is exported to ``output_dir/draft`` with ``save_draft``.
+
+Resuming loads that checkpoint and continues bit-for-bit: weights, optimiser
+moments, step counters (the lr depends only on them), the data position, RNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from vllm_longspec.train.config import StageConfig, TrainConfig
+from vllm_longspec.train.data import PackedStream
+from vllm_longspec.train.exclusions import ExclusionSet
+from vllm_longspec.train.metrics import MetricsLog, plot_loss_curve
+from vllm_longspec.train.model import new_draft
+from vllm_longspec.train.schedule import warmup_cosine_lr
+from vllm_longspec.train.sources import DocumentReader, index_documents, needs_tokenizer
+from vllm_longspec.train.step import (
+    loss_tokens,
+    make_micro_batch,
+    micro_batch_loss,
+    step_generator,
+)
+from vllm_longspec.train.target import (
+    check_target_config,
+    load_target,
+    read_target_config,
+)
+from vllm_longspec.train.trainer_checkpoint import (
+    checkpoint_path,
+    load_checkpoint,
+    restore_rng_states,
+    rng_states,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclasses.dataclass
+class Progress:
+    stage_index: int = 0
+    stage_step: int = 0  # optimiser steps done in the current stage
+    global_step: int = 0
+    tokens_seen: int = 0
+    last_loss: float | None = None
+
+
+def resolve_target_path(config: TrainConfig) -> Path:
+    if config.target:
+        return Path(config.target).expanduser()
+    from vllm_longspec.assets import default_target_path
+
+    return default_target_path()
+
+
+def _optimizer(draft: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (not on biases and norm scales)."""
+    params = list(draft.parameters())
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2],
+         "weight_decay": config.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(config.betas))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: bool = False):
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.target_path = resolve_target_path(config)
+        self.target_config = read_target_config(self.target_path)
+        check_target_config(self.target_config)
+        self.max_positions = self.target_config["max_position_embeddings"]
+        for stage in config.stages:
+            if stage.seq_len > self.max_positions:
+                raise ValueError(
+                    f"stage {stage.name!r}: seq_len {stage.seq_len} exceeds the "
+                    f"target's max_position_embeddings {self.max_positions}."
+                )
+        self.target = load_target(self.target_path, DTYPES[config.target_dtype])
+        torch.manual_seed(config.seed)
+        self.draft = new_draft(self.target_config, config.sliding_window, config.seed)
+        self.draft.train()
+        self.optimizer = _optimizer(self.draft, config)
+        self.exclusions = ExclusionSet.from_config(
+            config.exclude_paths, config.exclude_list_file
+        )
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
+        self.progress = Progress()
+        self.stream: PackedStream | None = None
+        self._pending_data_state: dict[str, int] | None = None
+        self._tokenizer = None
+
+        existing = checkpoint_path(self.output_dir)
+        if existing.is_file() and not resume:
+            raise FileExistsError(
+                f"{existing} exists: pass --resume to continue that run, or choose "
+                "another output_dir."
+            )
+        if resume and existing.is_file():
+            self._restore(load_checkpoint(existing))
+        elif resume:
+            log.info("no checkpoint in %s: starting from scratch", self.output_dir)
+
+    # -- data -------------------------------------------------------------
+
+    def _tokenizer_for(self, stage: StageConfig):
+        if self._tokenizer is None and needs_tokenizer(stage.sources):
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.target_path))
+            self._tokenizer.model_max_length = int(1e12)  # documents are packed
+        return self._tokenizer
+
+    def _stream_for(self, stage_index: int) -> PackedStream:
+        if self.stream is None:
+            stage = self.config.stages[stage_index]
+            index = index_documents(stage.sources, self.exclusions)
+            reader = DocumentReader(index, self._tokenizer_for(stage))
+            self.stream = PackedStream(reader, stage.seq_len, self.config.seed,
+                                       stage_index)
+            if self._pending_data_state is not None:
+                self.stream.load_state_dict(self._pending_data_state)
+                self._pending_data_state = None
+        return self.stream
+
+    # -- one step ----------------------------------------------------------
+
+    def _train_step(self, stage: StageConfig, stream: PackedStream) -> dict[str, Any]:
+        config, progress = self.config, self.progress
+        started = time.perf_counter()
+        lr = warmup_cosine_lr(progress.stage_step, stage.num_steps, stage.lr,
+                              stage.warmup_fraction, config.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        generator = step_generator(config.seed, progress.global_step)
+        micro_batches = [
+            make_micro_batch(*stream.next_batch(stage.sequences_per_micro_batch),
+                             generator, stage.aoi, self.max_positions,
+                             config.aoi_max_anchors, tuple(config.noise_shift))
+            for _ in range(stage.grad_accum)
+        ]
+        step_loss_tokens = sum(loss_tokens(mb.loss_mask) for mb in micro_batches)
+        total_loss, stats = 0.0, torch.zeros(4, dtype=torch.float64)
+        for micro_batch in micro_batches:
+            loss, micro_stats = micro_batch_loss(
+                self.draft, self.target, micro_batch, step_loss_tokens,
+                distill_weight=config.distill_weight,
+                chunk_rows=config.loss_chunk_rows,
+                autocast_dtype=(torch.bfloat16
+                                if config.autocast_dtype == "bfloat16" else None),
+            )
+            loss.backward()
+            total_loss += loss.item()
+            stats += micro_stats
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(),
+                                                   config.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+        progress.stage_step += 1
+        progress.global_step += 1
+        progress.tokens_seen += stage.batch_tokens
+        progress.last_loss = total_loss
+        elapsed = time.perf_counter() - started
+        rows = max(1.0, float(stats[3]))
+        return {
+            "step": progress.global_step, "stage": stage.name,
+            "stage_step": progress.stage_step, "lr": lr, "loss": total_loss,
+            "ce": float(stats[0]) / rows, "kl": float(stats[1]) / rows,
+            "top1_acc": float(stats[2]) / rows, "grad_norm": float(grad_norm),
+            "loss_tokens": step_loss_tokens, "tokens": progress.tokens_seen,
+            "noise_shift": [mb.noise_shift for mb in micro_batches],
+            "step_seconds": elapsed, "tokens_per_s": stage.batch_tokens / elapsed,
+        }
+
+    # -- the loop ----------------------------------------------------------
+
+    def run(self, max_steps: int | None = None) -> Path | None:
+        """Train to the end and export (returns the draft dir); with ``max_steps``,
+        stop after that many steps of this run with a checkpoint (returns None)."""
+        stages, steps_this_run = self.config.stages, 0
+        while self.progress.stage_index < len(stages):
+            stage = stages[self.progress.stage_index]
+            stream = self._stream_for(self.progress.stage_index)
+            bar = tqdm(total=stage.num_steps, initial=self.progress.stage_step,
+                       desc=f"{stage.name}", unit="step", dynamic_ncols=True)
+            while self.progress.stage_step < stage.num_steps:
+                record = self._train_step(stage, stream)
+                steps_this_run += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}",
+                                acc=f"{record['top1_acc']:.3f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}")
+                if record["step"] % self.config.log_every == 0:
+                    self.metrics.append(record)
+                stop = max_steps is not None and steps_this_run >= max_steps
+                if record["step"] % self.config.checkpoint_every == 0 or stop:
+                    self.save()
+                if stop:
+                    bar.close()
+                    return None
+            bar.close()
+            self.progress.stage_index += 1
+            self.progress.stage_step = 0
+            self.stream = None
+            self.save()
+        return self.export()
+
+    # -- state -------------------------------------------------------------
+
+    def save(self) -> None:
+        state = {
+            "format_version": 1,
+            "config": self.config.to_dict(),
+            "draft": self.draft.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "progress": dataclasses.asdict(self.progress),
+            "data": self.stream.state_dict() if self.stream is not None else None,
+            "rng": rng_states(),
+        }
+        save_checkpoint(checkpoint_path(self.output_dir), state)
+        plot_loss_curve(self.metrics.records(), self.output_dir / "loss_curve.png")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        changed = sorted(
+            key for key, value in self.config.to_dict().items()
+            if state["config"].get(key) != value
+        )
+        if changed:
+            log.warning("resuming with a changed config: %s", ", ".join(changed))
+        self.draft.load_state_dict(state["draft"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.progress = Progress(**state["progress"])
+        self._pending_data_state = state["data"]
+        restore_rng_states(state["rng"])
+        self.metrics.truncate_after(self.progress.global_step)
+        log.info("resumed at step %d (stage %d, step %d of it)",
+                 self.progress.global_step, self.progress.stage_index,
+                 self.progress.stage_step)
+
+    def export(self) -> Path:
+        from vllm_longspec.model.checkpoint import save_draft
+
+        summary = {
+            "steps": self.progress.global_step,
+            "tokens": self.progress.tokens_seen,
+            "final_loss": self.progress.last_loss,
+            "stages": [
+                {"name": s.name, "steps": s.num_steps, "seq_len": s.seq_len,
+                 "aoi": s.aoi, "lr": s.lr} for s in self.config.stages
+            ],
+            "noise_shift": list(self.config.noise_shift),
+            "distill_weight": self.config.distill_weight,
+            "seed": self.config.seed,
+            "excluded_files": len(self.exclusions.skipped),
+        }
+        directory = save_draft(
+            self.output_dir / "draft", self.draft.state_dict(), self.target_config,
+            {"sliding_window": self.config.sliding_window,
+             "target": str(self.target_path), "trained": summary},
+        )
+        log.info("exported the draft to %s", directory)
+        return directory
