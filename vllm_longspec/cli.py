@@ -1,6 +1,7 @@
 """The ``vllm-longspec`` command: one subcommand per tool.
 
     vllm-longspec train --config CONFIG [--resume]    train a draft (train/cli.py)
+    vllm-longspec distill --sources GLOB --out FILE   the target's own answers (distill.py)
 
 Subcommands import their module only when run, so ``vllm-longspec train``
 works without vLLM installed.
@@ -19,9 +20,16 @@ def _train(argv: list[str]) -> int:
     return main(argv)
 
 
+def _distill(argv: list[str]) -> int:
+    from vllm_longspec.distill import main
+
+    return main(argv)
+
+
 # name -> (one-line help, runner taking the subcommand's own argv)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "train": ("train a LongSpec draft for a target model", _train),
+    "distill": ("generate self-distillation data with the target (vLLM)", _distill),
 }
 
 

@@ -18,6 +18,7 @@ import inspect
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         draft = str(SHIPPED_DRAFT)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompt = build_prompt(tokenizer, args.context_tokens)
-    prompt_file = Path(args.model).parent / ".demo_prompt.json"
+    prompt_file = Path(tempfile.mkdtemp(prefix="longspec-demo-")) / "prompt.json"
     prompt_file.write_text(json.dumps(prompt))
 
     print(f"Prompt: the source of Python's `{DOCUMENT_MODULE}` module "

@@ -11,6 +11,7 @@ import os
 # The one place the supported vLLM version is pinned.
 SUPPORTED_VLLM = "0.32"
 VERSION_OVERRIDE_ENV = "VLLM_LONGSPEC_ALLOW_ANY_VLLM"
+HYBRID_ATTENTION_ENV = "VLLM_LONGSPEC_HYBRID_ATTENTION"
 
 _registered = False
 
@@ -47,4 +48,9 @@ def register() -> None:
             ARCHITECTURE, "vllm_longspec.model.draft:LongSpecForCausalLM"
         )
     patches.apply_all()
+    if os.environ.get(HYBRID_ATTENTION_ENV) == "1":
+        # Opt-in until tree speculation uses it (see docs/hybrid-attention.md).
+        from vllm_longspec.attention.backend import register_attention_backend
+
+        register_attention_backend(force=True)
     _registered = True

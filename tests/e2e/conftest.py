@@ -57,6 +57,7 @@ def long_prompts(tokenizer) -> list[list[int]]:
 
 
 def run_engine_job(tmp_path: Path, job: dict, timeout: int = 1500) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     job_file, result_file = tmp_path / "job.json", tmp_path / "result.json"
     job_file.write_text(json.dumps(job))
     proc = subprocess.run([sys.executable, str(JOB_SCRIPT), str(job_file),

@@ -85,6 +85,7 @@ def run(job: dict) -> dict:
         enforce_eager=True,
         disable_log_stats=False,
         seed=0,
+        **job.get("engine_args", {}),
     )
     params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"],
                             ignore_eos=job.get("ignore_eos", False))
@@ -98,6 +99,13 @@ def run(job: dict) -> dict:
             outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
         elif phase["mode"] == "chat":
             outputs = llm.chat(phase["messages"], params, use_tqdm=False)
+        elif phase["mode"] == "seeded":
+            # The same prompt sampled once per seed (one request each).
+            seeded = [SamplingParams(temperature=phase["temperature"],
+                                     max_tokens=phase["max_tokens"], seed=seed)
+                      for seed in range(phase["num_samples"])]
+            prompt = TokensPrompt(prompt_token_ids=phase["prompt"])
+            outputs = llm.generate([prompt] * len(seeded), seeded, use_tqdm=False)
         elif phase["mode"] == "kv_bytes":
             result["phases"][phase["name"]] = {
                 "samples": [kv_bytes_per_group(llm, p, params) for p in prompts]}

@@ -27,6 +27,11 @@ def test_draft_kv_bytes_do_not_grow_with_context(tmp_path, target_dir,
     short, long = result["phases"]["kv"]["samples"]
     draft_group = next(name for name in short[0] if "draft_model" in name)
     target_group = next(name for name in short[0] if "layers.29." in name)
+    # Steady decoding: the step right after prefill still holds the last
+    # prefill chunk's blocks (freed when the next step is scheduled), and the
+    # final sample is taken after the request finished and freed everything.
+    short, long = short[1:-1], long[1:-1]
+    assert len(short) >= 4 and len(long) >= 4
 
     draft_short = {s[draft_group]["bytes"] for s in short}
     draft_long = {s[draft_group]["bytes"] for s in long}

@@ -92,3 +92,40 @@ def test_other_architectures_are_rejected_with_a_clear_message(tmp_path):
         load_target(tmp_path)
     with pytest.raises(UnsupportedTargetError, match="no config.json"):
         read_target_config(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "default", "rope_theta": 100000.0},
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 1024},
+])
+def test_draft_rope_tables_are_the_targets(rope):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from vllm_longspec.train.rope import rope_cos_sin, rope_inv_freq
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=8192, rope_parameters=rope)
+    positions = torch.tensor([[0, 1, 2, 1000, 5000, 8191]])
+    hf_cos, hf_sin = LlamaRotaryEmbedding(config)(torch.zeros(1, dtype=torch.float32),
+                                                  positions)
+    cos, sin = rope_cos_sin(positions, *rope_inv_freq(config.to_dict()))
+    torch.testing.assert_close(cos, hf_cos, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sin, hf_sin, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen2_targets_work(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                         max_position_embeddings=512)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    target = load_target(tmp_path, dtype=torch.bfloat16)
+    out = run_target(target, torch.randint(0, 256, (2, 12)),
+                     plain_position_ids(2, 12) + 50)
+    assert out.last_keys.shape == (2, 2, 12, 16)
+    assert out.last_keys.dtype == torch.bfloat16

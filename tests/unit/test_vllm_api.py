@@ -39,6 +39,12 @@ PINNED_EXACTLY = [
      ["self", "target_language_model"]),
     ("vllm.v1.spec_decode.draft_model", "DraftModelProposer._maybe_share_lm_head",
      ["self", "target_language_model"]),
+    # Hybrid tree attention backend (vllm_longspec/attention/backend.py).
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder.build",
+     ["self", "common_prefix_len", "common_attn_metadata", "fast_build"]),
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward",
+     ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
+      "output_scale", "output_block_scale"]),
 ]
 
 # (module, qualified name, parameters we pass): called.
@@ -56,6 +62,10 @@ CALLED_WITH = [
      ["key", "value", "key_cache", "value_cache", "slot_mapping", "isa"]),
     ("vllm.v1.attention.backends.cpu_attn", "_get_attn_isa",
      ["dtype", "block_size", "head_size"]),
+    ("vllm._custom_ops", "cpu_attention_with_kv_cache",
+     ["dynamic_causal", "k_scale", "v_scale", "kv_cache_dtype"]),
+    ("vllm.v1.attention.backends.registry", "register_backend",
+     ["backend", "class_path"]),
     ("vllm.model_executor.layers.attention", "Attention.__init__",
      ["num_heads", "head_size", "scale", "num_kv_heads", "cache_config",
       "per_layer_sliding_window", "prefix"]),
@@ -160,6 +170,14 @@ def test_config_fields_we_read_and_write():
     assert {"seq_lens", "block_table_tensor", "num_reqs"} <= set(
         CommonAttentionMetadata.__dataclass_fields__)
     assert "draft_model" in str(SpeculativeConfig.__annotations__["method"])
+
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    assert {"num_actual_tokens", "max_query_len", "query_start_loc", "max_seq_len",
+            "seq_lens", "block_table", "slot_mapping", "scheduler_metadata", "causal",
+            "num_decode_tokens"} <= set(CPUAttentionMetadata.__dataclass_fields__)
+    assert AttentionBackendEnum.CPU_ATTN.name == "CPU_ATTN"
 
 
 def test_plugin_group_name():

@@ -20,7 +20,7 @@ from vllm_longspec.train.target import load_target, read_target_config, run_targ
 
 def measure(
     target_path: str, seq_len: int, batch: int, steps: int, autocast: bool,
-    distill_weight: float = 0.0, chunk_rows: int = 512,
+    distill_weight: float = 0.0, chunk_rows: int = 256,
 ) -> dict[str, float]:
     target_config = read_target_config(target_path)
     target = load_target(target_path, torch.bfloat16)

@@ -16,7 +16,9 @@ import sys
 
 
 def build_parser(prog: str = "vllm-longspec train") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Train a LongSpec draft from a config file."
+    )
     parser.add_argument("--config", required=True, help="JSON or YAML training config")
     parser.add_argument("--resume", action="store_true",
                         help="continue from OUTPUT_DIR/checkpoint-last.pt")

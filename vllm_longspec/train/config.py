@@ -122,7 +122,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0  # cosine floor, as a fraction of the stage's lr
     checkpoint_every: int = 100
     log_every: int = 1
-    loss_chunk_rows: int = 512
+    loss_chunk_rows: int = 256
     autocast_dtype: str = "bfloat16"  # draft matmuls; master weights stay fp32
     target_dtype: str = "bfloat16"
     num_threads: int | None = None  # torch intra-op threads; None: torch default

@@ -5,13 +5,16 @@ resolved path is listed, or lies under a listed directory, is skipped and
 counted. The list is the config's ``exclude_paths`` plus the lines of
 ``exclude_list_file`` (default ``benchmarks/sources.txt``: one path per line,
 ``#`` comments and blank lines ignored; a missing file means no exclusions).
-Relative entries are resolved against the working directory; symlinks are
-resolved on both sides, so another spelling of the same file is still caught.
+Relative entries are resolved against the working directory; ``{stdlib}``
+expands to the running Python's standard-library directory (as in sources);
+symlinks are resolved on both sides, so another spelling of the same file is
+still caught.
 """
 
 from __future__ import annotations
 
 import logging
+import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,7 +23,11 @@ log = logging.getLogger(__name__)
 
 class ExclusionSet:
     def __init__(self, paths: Iterable[str | Path]):
-        self.paths = frozenset(Path(p).expanduser().resolve() for p in paths)
+        stdlib = sysconfig.get_paths()["stdlib"]
+        self.paths = frozenset(
+            Path(str(p).replace("{stdlib}", stdlib)).expanduser().resolve()
+            for p in paths
+        )
         self.skipped: list[Path] = []
 
     @classmethod

@@ -47,13 +47,16 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], chunk_rows):
                 rows = slice(start, start + chunk_rows)
+                label = labels[rows]
                 # [chunk, vocab]
                 logits = (hidden[rows].to(weight.dtype) @ weight.T).float()
                 log_probs = torch.log_softmax(logits, dim=-1)
-                label = labels[rows]
+                del logits
                 # [chunk]
                 ce = -log_probs.gather(1, label[:, None]).squeeze(1)
                 row_loss = (1.0 - distill_weight) * ce
+                stats[0] += ce.sum().double()
+                stats[2] += (log_probs.argmax(-1) == label).sum()
                 # d loss_r / d logits_r, before the row weight: [chunk, vocab]
                 grad_logits = log_probs.exp()
                 grad_logits.scatter_add_(
@@ -61,17 +64,18 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                     torch.full_like(ce[:, None], -(1.0 - distill_weight)),
                 )
                 if distill_weight > 0:
-                    target_logits = (target_hidden[rows].to(weight.dtype) @ weight.T)
+                    # [chunk, vocab] target log-probs, then p_target
+                    target_logits = target_hidden[rows].to(weight.dtype) @ weight.T
                     target_log_probs = torch.log_softmax(target_logits.float(), dim=-1)
+                    del target_logits
                     target_probs = target_log_probs.exp()
-                    kl = (target_probs * (target_log_probs - log_probs)).sum(-1)
+                    grad_logits.add_(target_probs, alpha=-distill_weight)
+                    # KL = sum p_t (log p_t - log p_d), reusing target_log_probs
+                    kl = target_log_probs.sub_(log_probs).mul_(target_probs).sum(-1)
                     row_loss = row_loss + distill_weight * kl
-                    grad_logits -= distill_weight * target_probs
                     stats[1] += kl.sum().double()
                 row_weight = row_weights[rows].float()
                 loss += (row_weight * row_loss).sum()
-                stats[0] += ce.sum().double()
-                stats[2] += (logits.argmax(-1) == label).sum()
                 if needs_grad:
                     grad_logits *= row_weight[:, None]
                     grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(
@@ -95,7 +99,7 @@ def chunked_lm_head_loss(
     row_weights: torch.Tensor,  # [rows]
     target_hidden: torch.Tensor | None = None,  # [rows, hidden]
     distill_weight: float = 0.0,
-    chunk_rows: int = 512,
+    chunk_rows: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss scalar, stats [4]) — see ``ChunkedLMHeadLoss``."""
     if distill_weight > 0 and target_hidden is None:

@@ -29,12 +29,18 @@ class MetricsLog:
     def records(self) -> list[dict[str, Any]]:
         if not self.path.is_file():
             return []
-        lines = self.path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        records = []
+        for line in self.path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a crash
+                continue
+        return records
 
     def truncate_after(self, step: int) -> None:
-        kept = [r for r in self.records() if r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.path.is_file():
+            kept = [r for r in self.records() if r["step"] <= step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
 
 def plot_loss_curve(records: list[dict[str, Any]], png_path: Path) -> None:

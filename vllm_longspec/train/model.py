@@ -26,7 +26,12 @@ from vllm_longspec.train.attention import (
     shifted_cross_attention,
     sliding_window_attention,
 )
-from vllm_longspec.train.rope import apply_rope, head_dim_of, rope_cos_sin, rope_inv_freq
+from vllm_longspec.train.rope import (
+    apply_rope,
+    head_dim_of,
+    rope_cos_sin,
+    rope_inv_freq,
+)
 
 
 @dataclasses.dataclass(frozen=True)

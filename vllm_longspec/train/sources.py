@@ -124,6 +124,14 @@ class DocumentReader:
         if "messages" in record:
             ids, mask = tokenize_chat(self.tokenizer, record["messages"])
             return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=bool)
+        if "output_token_ids" in record:
+            # `vllm-longspec distill` output: the target's own continuation of a
+            # prompt; loss on the continuation, the prompt is context.
+            prompt, output = record["prompt_token_ids"], record["output_token_ids"]
+            ids = np.asarray(prompt + output, dtype=np.int64)
+            mask = np.zeros(len(ids), dtype=bool)
+            mask[len(prompt):] = True
+            return ids, mask
         return self._text(record.get("text") or "")
 
     def read(self, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -68,7 +68,7 @@ def micro_batch_loss(
     micro_batch: MicroBatch,
     step_loss_tokens: int,
     distill_weight: float = 0.0,
-    chunk_rows: int = 512,
+    chunk_rows: int = 256,
     autocast_dtype: torch.dtype | None = torch.bfloat16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss scalar with grad, stats [CE sum, KL sum, correct, rows])."""

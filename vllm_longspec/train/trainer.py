@@ -86,6 +86,12 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
         self.output_dir = Path(config.output_dir)
+        existing = checkpoint_path(self.output_dir)
+        if existing.is_file() and not resume:
+            raise FileExistsError(
+                f"{existing} exists: pass --resume to continue that run, or choose "
+                "another output_dir."
+            )
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.target_path = resolve_target_path(config)
@@ -112,16 +118,12 @@ class Trainer:
         self._pending_data_state: dict[str, int] | None = None
         self._tokenizer = None
 
-        existing = checkpoint_path(self.output_dir)
-        if existing.is_file() and not resume:
-            raise FileExistsError(
-                f"{existing} exists: pass --resume to continue that run, or choose "
-                "another output_dir."
-            )
         if resume and existing.is_file():
             self._restore(load_checkpoint(existing))
-        elif resume:
-            log.info("no checkpoint in %s: starting from scratch", self.output_dir)
+        else:
+            if resume:
+                log.info("no checkpoint in %s: starting from scratch", self.output_dir)
+            self.metrics.truncate_after(0)  # lines of a run that never checkpointed
 
     # -- data -------------------------------------------------------------
 

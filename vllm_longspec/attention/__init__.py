@@ -1,0 +1,1 @@
+"""Hybrid tree attention: paged prefix with LSE + masked speculative part + merge."""

@@ -1,0 +1,241 @@
+"""Hybrid tree attention as vLLM's CPU attention backend (target verification).
+
+Target: ``vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend`` (CPU_ATTN),
+overridden through vLLM's backend registry; ``get_name()`` stays "CPU_ATTN".
+Why: vLLM's CPU kernel knows causal and sliding-window masks only, and returns
+no log-sum-exp, so it cannot verify a speculative tree.
+How: the metadata builder runs vLLM's build, then, when a ``SpecTreeBatch`` is
+set (``spec_trees``), adds a plan: which rows carry trees (their prefix lengths,
+block tables, packed ancestor masks) and a stock sub-batch for the other rows.
+The impl attends tree rows with prefix (paged, LSE) + tree part (masked, LSE) +
+merge (``cpu_hybrid``), and the rest with vLLM's own kernel. Without a plan
+(no tree set: prefill, plain decode, chains, the draft's layers) every call is
+``CPUAttentionBackendImpl.forward`` unchanged.
+When it can go: when vLLM's CPU backend accepts an arbitrary per-request mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from vllm import _custom_ops as ops
+from vllm import envs
+from vllm.v1.attention.backend import AttentionType
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+    CPUAttentionMetadataBuilder,
+)
+
+from vllm_longspec.attention.cpu_cache import split_kv_pages
+from vllm_longspec.attention.cpu_extension import load_cpu_extension
+from vllm_longspec.attention.cpu_hybrid import hybrid_attention
+from vllm_longspec.attention.spec_trees import get_spec_trees, tree_rows_of_batch
+from vllm_longspec.attention.tree_mask import MAX_SPEC_TOKENS, pack_ancestor_bits
+
+ENABLE_ENV = "VLLM_LONGSPEC_HYBRID_ATTENTION"
+BACKEND_CLASS_PATH = "vllm_longspec.attention.backend.HybridCPUAttentionBackend"
+
+
+@dataclasses.dataclass
+class TreeRows:
+    """The rows verified by hybrid attention, as a compact sub-batch."""
+
+    rows: list[int]
+    token_index: torch.Tensor  # [num_tree_tokens] int64, into the batch's tokens
+    query_start_loc: torch.Tensor  # [num_tree_rows + 1] int32
+    prefix_lens: torch.Tensor  # [num_tree_rows] int32: committed tokens in the cache
+    block_table: torch.Tensor  # [num_tree_rows, max_blocks] int32
+    ancestor_bits: torch.Tensor  # [num_tree_tokens, 4] int32
+
+
+@dataclasses.dataclass
+class StockRows:
+    """The other rows, as a sub-batch for vLLM's own CPU kernel."""
+
+    token_index: torch.Tensor  # [num_stock_tokens] int64
+    query_start_loc: torch.Tensor  # [num_stock_rows + 1] int32
+    seq_lens: torch.Tensor  # [num_stock_rows] int32
+    block_table: torch.Tensor  # [num_stock_rows, max_blocks] int32
+    scheduler_metadata: torch.Tensor
+
+
+@dataclasses.dataclass
+class HybridPlan:
+    tree: TreeRows
+    stock: StockRows | None
+
+
+@dataclasses.dataclass
+class HybridCPUAttentionMetadata(CPUAttentionMetadata):
+    hybrid_plan: HybridPlan | None = None
+
+
+def _sub_batch(query_start_loc: list[int], rows: list[int]):
+    """Token indices and the compact query_start_loc of ``rows``."""
+    spans = [torch.arange(query_start_loc[r], query_start_loc[r + 1]) for r in rows]
+    lens = [query_start_loc[r + 1] - query_start_loc[r] for r in rows]
+    starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return torch.cat(spans), starts
+
+
+class HybridCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        fields = {f.name: getattr(metadata, f.name)
+                  for f in dataclasses.fields(CPUAttentionMetadata)}
+        plan = None
+        if (not self.is_cross_attention and not self.is_encoder_only_attention
+                and metadata.causal is True and metadata.dynamic_causal is None):
+            plan = self._plan(common_attn_metadata, metadata)
+        return HybridCPUAttentionMetadata(**fields, hybrid_plan=plan)
+
+    def _plan(self, common, metadata) -> HybridPlan | None:
+        num_reqs = common.num_reqs
+        qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
+        query_lens = [qsl[r + 1] - qsl[r] for r in range(num_reqs)]
+        masks = tree_rows_of_batch(get_spec_trees(), query_lens, MAX_SPEC_TOKENS)
+        if not masks:
+            return None
+        self._check_tree_support()
+        seq_lens = metadata.seq_lens[:num_reqs]
+        tree_rows = sorted(masks)
+        token_index, tree_qsl = _sub_batch(qsl, tree_rows)
+        rows = torch.tensor(tree_rows)
+        tree = TreeRows(
+            rows=tree_rows,
+            token_index=token_index,
+            query_start_loc=tree_qsl,
+            prefix_lens=(seq_lens[rows] - (tree_qsl[1:] - tree_qsl[:-1])).to(torch.int32),
+            block_table=metadata.block_table[rows].contiguous(),
+            ancestor_bits=pack_ancestor_bits([masks[r] for r in tree_rows]),
+        )
+        stock_rows = [r for r in range(num_reqs) if r not in masks and query_lens[r] > 0]
+        stock = None
+        if stock_rows:
+            stock_index, stock_qsl = _sub_batch(qsl, stock_rows)
+            stock_seq_lens = seq_lens[torch.tensor(stock_rows)].to(torch.int32)
+            stock = StockRows(
+                token_index=stock_index,
+                query_start_loc=stock_qsl,
+                seq_lens=stock_seq_lens,
+                block_table=metadata.block_table[torch.tensor(stock_rows)].contiguous(),
+                scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
+                    num_reqs=len(stock_rows), num_heads=self.num_heads,
+                    num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                    seq_lens=stock_seq_lens, dtype=self.dtype,
+                    query_start_loc=stock_qsl, causal=True,
+                    sliding_window_size=self.window_size, isa=self.isa,
+                    enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+                    kv_cache_dtype=self.kv_cache_dtype),
+            )
+        return HybridPlan(tree=tree, stock=stock)
+
+    def _check_tree_support(self) -> None:
+        problems = []
+        if self.window_size != -1:
+            problems.append(f"sliding window {self.window_size}")
+        if self.kv_cache_dtype not in ("auto", None):
+            problems.append(f"kv_cache_dtype={self.kv_cache_dtype}")
+        if self.isa not in ("vec", "vec16", "amx"):
+            problems.append(f"CPU attention ISA {self.isa!r} (cache packing not decoded)")
+        if problems:
+            raise NotImplementedError(
+                "hybrid tree attention does not support " + ", ".join(problems)
+                + "; run without speculative trees (chains use vLLM's own kernel)")
+
+
+class HybridCPUAttentionImpl(CPUAttentionBackendImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        load_cpu_extension()  # build/load the C++ kernel at model construction
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        plan = getattr(attn_metadata, "hybrid_plan", None)
+        if plan is None or self.attn_type != AttentionType.DECODER:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata,
+                                   output, output_scale, output_block_scale)
+        self._check_tree_support(key, output_scale, output_block_scale)
+        key_half, value_half = split_kv_pages(kv_cache)
+        if plan.stock is not None:
+            self._stock_rows(layer, query, key_half, value_half, plan.stock, output)
+        tree = plan.tree
+        # [num_tree_tokens, num_heads, head_size]
+        tree_out = torch.empty((tree.token_index.numel(), *output.shape[1:]),
+                               dtype=output.dtype)
+        hybrid_attention(
+            query[tree.token_index], key[tree.token_index], value[tree.token_index],
+            key_half, value_half, tree.block_table, tree.prefix_lens,
+            tree.query_start_loc, tree.ancestor_bits, self.scale, tree_out,
+            cpu_isa=layer.isa)
+        output[tree.token_index] = tree_out
+        return output
+
+    def _stock_rows(self, layer, query, key_half, value_half, stock, output) -> None:
+        # [num_stock_tokens, num_heads, head_size]
+        stock_out = torch.empty((stock.token_index.numel(), *output.shape[1:]),
+                                dtype=output.dtype)
+        ops.cpu_attention_with_kv_cache(
+            query=query[stock.token_index], key_cache=key_half, value_cache=value_half,
+            output=stock_out, query_start_loc=stock.query_start_loc,
+            seq_lens=stock.seq_lens, scale=self.scale, causal=True,
+            alibi_slopes=self.alibi_slopes, sliding_window=self.sliding_window,
+            block_table=stock.block_table, softcap=self.logits_soft_cap,
+            scheduler_metadata=stock.scheduler_metadata, s_aux=self.sinks,
+            k_scale=layer._k_scale_float, v_scale=layer._v_scale_float,
+            kv_cache_dtype=self.kv_cache_dtype)
+        output[stock.token_index] = stock_out
+
+    def _check_tree_support(self, key, output_scale, output_block_scale) -> None:
+        problems = []
+        if key is None:
+            problems.append("KV-sharing layers (no key/value)")
+        if self.alibi_slopes is not None:
+            problems.append("ALiBi")
+        if self.logits_soft_cap:
+            problems.append("logits soft-capping")
+        if self.sinks is not None:
+            problems.append("attention sinks")
+        if self.sliding_window != -1:
+            problems.append("sliding window")
+        if output_scale is not None or output_block_scale is not None:
+            problems.append("fused output quantization")
+        if problems:
+            raise NotImplementedError(
+                "hybrid tree attention does not support " + ", ".join(problems))
+
+
+class HybridCPUAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "CPU_ATTN"
+
+    @staticmethod
+    def get_impl_cls():
+        return HybridCPUAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return HybridCPUAttentionMetadataBuilder
+
+
+def register_attention_backend(force: bool = False) -> bool:
+    """Override CPU_ATTN with the hybrid backend in this process (idempotent).
+
+    Opt-in for now: does nothing unless ``force`` or ``VLLM_LONGSPEC_HYBRID_ATTENTION=1``.
+    Call it from the plugin's ``register()`` (it runs in every vLLM process).
+    Returns whether the override is in place.
+    """
+    if not force and os.environ.get(ENABLE_ENV, "0") != "1":
+        return False
+    from vllm.v1.attention.backends.registry import (
+        AttentionBackendEnum,
+        register_backend,
+    )
+
+    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_CLASS_PATH)
+    return True

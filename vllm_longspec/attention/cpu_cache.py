@@ -1,0 +1,110 @@
+"""vLLM's CPU KV cache packing, decoded.
+
+vLLM's CPU backend (``CPU_ATTN``) allocates one tensor per layer, logically
+``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, and reads each
+(block, kv head) page as ``[2 * block_size, head_size]``: the first
+``block_size * head_size`` elements hold the keys, the rest the values. Inside a
+half, ``cpu_attn_reshape_and_cache`` writes an ISA-specific order (found by
+writing known values with vLLM's own op; ``tests/kernels/test_cpu_cache.py``
+pins it for every ISA and dtype):
+
+======  ==========================  ==========================================
+isa     key half                    value half
+======  ==========================  ==========================================
+vec     ``[head, block]``           ``[block, head]`` (plain rows)
+vec16   ``[head, block]``           ``[block, head]``
+amx     ``[block/16, head/2, 16, 2]`` ``[head/16, block/2, 16, 2]``
+======  ==========================  ==========================================
+
+(``amx``: 16-bit dtypes only; tiles of 16 tokens with dim pairs for keys, tiles
+of 16 dims with token pairs for values. vLLM picks ``amx`` only for bf16 on AMX
+machines; other ISAs, e.g. ``neon``, are not decoded here.)
+
+``logical_kv_views`` turns the two halves into strided views
+``[num_blocks, num_kv_heads, block_size, head_size]`` indexed (block, head,
+token, dim) - no copy - for ``vec``/``vec16``. ``gather_kv_blocks`` copies chosen
+blocks into plain rows for any decoded ISA (the only way to read ``amx``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+STRIDED_ISAS = ("vec", "vec16")
+DECODED_ISAS = ("vec", "vec16", "amx")
+
+
+def split_kv_pages(
+    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head_size]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value halves exactly as vLLM's CPU backend passes them."""
+    num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
+    pages = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, two_head // 2)
+    return pages[:, :, :block_size], pages[:, :, block_size:]
+
+
+def logical_kv_views(
+    key_half: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size] packed
+    value_half: torch.Tensor,
+    isa: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views ``(keys, values)`` indexed (block, head, token, dim); no copy."""
+    if isa not in STRIDED_ISAS:
+        raise ValueError(
+            f"the {isa!r} CPU cache packing has no strided view; use gather_kv_blocks")
+    _check_page_interior(key_half, value_half)
+    num_blocks, num_kv_heads, block_size, head_size = key_half.shape
+    keys = key_half.as_strided(
+        key_half.shape,
+        (key_half.stride(0), key_half.stride(1), 1, block_size),
+        key_half.storage_offset(),
+    )
+    return keys, value_half
+
+
+def gather_kv_blocks(
+    key_half: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size] packed
+    value_half: torch.Tensor,
+    block_ids: torch.Tensor,  # [n] int
+    isa: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain copies ``[n, num_kv_heads, block_size, head_size]`` of chosen blocks."""
+    block_ids = block_ids.long()
+    if isa in STRIDED_ISAS:
+        keys, values = logical_kv_views(key_half, value_half, isa)
+        return keys[block_ids].contiguous(), values[block_ids].contiguous()
+    if isa != "amx":
+        raise ValueError(f"CPU cache packing {isa!r} is not decoded (known: {DECODED_ISAS})")
+    _check_page_interior(key_half, value_half)
+    num_blocks, num_kv_heads, block_size, head_size = key_half.shape
+    if key_half.element_size() != 2 or block_size % 32 or head_size % 32:
+        raise ValueError("amx packing needs a 16-bit dtype, block and head sizes % 32 == 0")
+    n = block_ids.numel()
+    # keys: [block/16, head/2, 16 tokens, 2 dims] -> [block, head]
+    keys = _pages(key_half)[block_ids].view(
+        n, num_kv_heads, block_size // 16, head_size // 2, 16, 2)
+    keys = keys.permute(0, 1, 2, 4, 3, 5).reshape(n, num_kv_heads, block_size, head_size)
+    # values: [head/16, block/2, 16 dims, 2 tokens] -> [block, head]
+    values = _pages(value_half)[block_ids].view(
+        n, num_kv_heads, head_size // 16, block_size // 2, 16, 2)
+    values = values.permute(0, 1, 3, 5, 2, 4).reshape(n, num_kv_heads, block_size, head_size)
+    return keys, values
+
+
+def _pages(half: torch.Tensor) -> torch.Tensor:
+    """[num_blocks, num_kv_heads, block_size * head_size] view of one half."""
+    num_blocks, num_kv_heads, block_size, head_size = half.shape
+    return half.as_strided(
+        (num_blocks, num_kv_heads, block_size * head_size),
+        (half.stride(0), half.stride(1), 1),
+        half.storage_offset(),
+    )
+
+
+def _check_page_interior(key_half: torch.Tensor, value_half: torch.Tensor) -> None:
+    for name, half in (("key", key_half), ("value", value_half)):
+        if half.dim() != 4 or half.stride(3) != 1 or half.stride(2) != half.shape[3]:
+            raise ValueError(
+                f"{name} half must be a page view [num_blocks, num_kv_heads, block_size, "
+                f"head_size] with contiguous pages (as split_kv_pages returns); got shape "
+                f"{tuple(half.shape)} strides {half.stride()}")
