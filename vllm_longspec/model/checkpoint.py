@@ -160,6 +160,28 @@ def read_draft_checkpoint(path: str | Path) -> DraftCheckpoint:
     return DraftCheckpoint(path=directory, config=config, shapes=shapes)
 
 
+def _attention_sizes(config) -> tuple[int, int, int, int]:
+    """(hidden, heads, kv heads, head_dim) of an HF config object or dict."""
+    get = config.get if isinstance(config, dict) else (
+        lambda key, default=None: getattr(config, key, default))
+    hidden, heads = get("hidden_size"), get("num_attention_heads")
+    kv_heads = get("num_key_value_heads") or heads
+    return hidden, heads, kv_heads, get("head_dim") or hidden // heads
+
+
+def attention_weight_shapes(config) -> dict[str, tuple[int, int]]:
+    """Shapes of the draft's attention projections for a target config."""
+    hidden, heads, kv_heads, head_dim = _attention_sizes(config)
+    return {
+        "self_attn.q_proj": (heads * head_dim, hidden),
+        "self_attn.k_proj": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj": (kv_heads * head_dim, hidden),
+        "self_attn.o_proj": (hidden, heads * head_dim),
+        "cross_attn.q_proj": (heads * head_dim, hidden),
+        "cross_attn.o_proj": (hidden, heads * head_dim),
+    }
+
+
 def check_draft_matches_target(draft: DraftCheckpoint, target_hf_config: Any) -> None:
     """Raise DraftCheckpointError unless the draft fits the target's sizes."""
     archs = list(getattr(target_hf_config, "architectures", None) or [])
@@ -168,24 +190,14 @@ def check_draft_matches_target(draft: DraftCheckpoint, target_hf_config: Any) ->
             f"LongSpec does not support target architecture {archs}: supported are "
             f"{', '.join(SUPPORTED_TARGET_ARCHITECTURES)}."
         )
-    hidden = target_hf_config.hidden_size
-    num_heads = target_hf_config.num_attention_heads
-    num_kv_heads = getattr(target_hf_config, "num_key_value_heads", num_heads)
-    head_dim = getattr(target_hf_config, "head_dim", None) or hidden // num_heads
-    expected = {
-        "self_attn.q_proj.weight": (num_heads * head_dim, hidden),
-        "self_attn.k_proj.weight": (num_kv_heads * head_dim, hidden),
-        "self_attn.v_proj.weight": (num_kv_heads * head_dim, hidden),
-        "self_attn.o_proj.weight": (hidden, num_heads * head_dim),
-        "cross_attn.q_proj.weight": (num_heads * head_dim, hidden),
-        "cross_attn.o_proj.weight": (hidden, num_heads * head_dim),
-        "input_layernorm.weight": (hidden,),
-    }
+    expected = attention_weight_shapes(target_hf_config)
+    hidden, num_heads, num_kv_heads, head_dim = _attention_sizes(target_hf_config)
     for name, shape in expected.items():
-        if draft.shapes[name] != shape:
+        weight = f"{name}.weight"
+        if draft.shapes[weight] != shape:
             raise DraftCheckpointError(
-                f"Draft {str(draft.path)!r} does not fit the target: {name} has "
-                f"shape {list(draft.shapes[name])}, the target needs {list(shape)} "
+                f"Draft {str(draft.path)!r} does not fit the target: {weight} has "
+                f"shape {list(draft.shapes[weight])}, the target needs {list(shape)} "
                 f"(hidden {hidden}, {num_heads} heads, {num_kv_heads} KV heads, "
                 f"head_dim {head_dim}). Was it trained for another model?"
             )
@@ -243,18 +255,9 @@ def random_draft_state(
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    hidden = target_config["hidden_size"]
-    heads = target_config["num_attention_heads"]
-    kv_heads = target_config.get("num_key_value_heads", heads)
-    head_dim = target_config.get("head_dim") or hidden // heads
-    ffn = target_config["intermediate_size"]
+    hidden, ffn = target_config["hidden_size"], target_config["intermediate_size"]
     shapes = {
-        "self_attn.q_proj": (heads * head_dim, hidden),
-        "self_attn.k_proj": (kv_heads * head_dim, hidden),
-        "self_attn.v_proj": (kv_heads * head_dim, hidden),
-        "self_attn.o_proj": (hidden, heads * head_dim),
-        "cross_attn.q_proj": (heads * head_dim, hidden),
-        "cross_attn.o_proj": (hidden, heads * head_dim),
+        **attention_weight_shapes(target_config),
         "mlp.gate_proj": (ffn, hidden),
         "mlp.up_proj": (ffn, hidden),
         "mlp.down_proj": (hidden, ffn),

@@ -73,6 +73,12 @@ class CrossAttentionInputs:
         return rows.long()
 
 
+def _head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads
+    )
+
+
 def _tp_size() -> int:
     from vllm.distributed import get_tensor_model_parallel_world_size
 
@@ -86,9 +92,7 @@ class LongSpecSelfAttention(nn.Module):
     ):
         super().__init__()
         tp = _tp_size()
-        self.head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
+        self.head_dim = _head_dim(config)
         self.num_heads = config.num_attention_heads // tp
         self.num_kv_heads = max(1, config.num_key_value_heads // tp)
         self.q_size = self.num_heads * self.head_dim
@@ -134,9 +138,7 @@ class LongSpecCrossAttention(nn.Module):
     def __init__(self, config, rope_config, prefix: str):
         super().__init__()
         tp = _tp_size()
-        self.head_dim = getattr(config, "head_dim", None) or (
-            config.hidden_size // config.num_attention_heads
-        )
+        self.head_dim = _head_dim(config)
         self.num_heads = config.num_attention_heads // tp
         self.scale = self.head_dim**-0.5
         self.q_proj = ColumnParallelLinear(
