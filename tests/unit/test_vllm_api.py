@@ -66,6 +66,8 @@ CALLED_WITH = [
      ["dynamic_causal", "k_scale", "v_scale", "kv_cache_dtype"]),
     ("vllm.v1.attention.backends.registry", "register_backend",
      ["backend", "class_path"]),
+    ("vllm.triton_utils.dispatcher", "register_kernels", ["overrides"]),
+    ("vllm.platforms.cpu", "CpuPlatform.register_triton_kernel_overrides", []),
     ("vllm.model_executor.layers.attention", "Attention.__init__",
      ["num_heads", "head_size", "scale", "num_kv_heads", "cache_config",
       "per_layer_sliding_window", "prefix"]),
@@ -115,6 +117,13 @@ SOURCE_FACTS = [
      "CPUAttentionMetadataBuilder._set_isa_to_layers", ["layer.isa = self.isa"]),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward",
      ["kv_cache.view((num_blocks, num_kv_heads, block_size * 2, -1))"]),
+    # The CPU platform registers its kernel stand-ins after plugins load,
+    # and expand_batch_to_tokens expands per-request floats with that kernel.
+    ("vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker",
+     ["load_general_plugins()", "register_triton_kernel_overrides()"]),
+    ("vllm.v1.sample.rejection_sampler", "expand_batch_to_tokens", ["_expand("]),
+    ("vllm.platforms.cpu", "CpuPlatform.register_triton_kernel_overrides",
+     ['"vllm.v1.sample.rejection_sampler.expand_kernel"']),
     # Plugins are loaded before the speculative config is built.
     ("vllm.engine.arg_utils", "EngineArgs.__post_init__", ["load_general_plugins()"]),
     ("vllm.engine.arg_utils", "EngineArgs.create_engine_config",

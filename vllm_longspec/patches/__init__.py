@@ -5,9 +5,9 @@ the original as ``_orig_<name>`` and calls it for everything that is not
 LongSpec, so vLLM behaves exactly as before unless LongSpec is requested.
 """
 
-from vllm_longspec.patches import engine_args, model_runner
+from vllm_longspec.patches import cpu_expand_kernel, engine_args, model_runner
 
-PATCHES = (engine_args, model_runner)
+PATCHES = (engine_args, model_runner, cpu_expand_kernel)
 
 
 def apply_all() -> None:
