@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -94,8 +95,10 @@ def _run_worker(args, prompt_file: Path, draft: str | None, stream: bool) -> dic
         command += ["--draft", draft]
     if stream:
         command.append("--stream")
+    # vLLM logs to stdout; keep the streamed answer readable.
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env=env)
     result = None
     for line in proc.stdout:
         if line.startswith("RESULT "):
@@ -106,6 +109,15 @@ def _run_worker(args, prompt_file: Path, draft: str | None, stream: bool) -> dic
     if proc.wait() != 0 or result is None:
         sys.exit(f"engine failed:\n{stderr[-4000:]}")
     return result
+
+
+def _untrained_draft(model: str) -> str:
+    from vllm_longspec.model.checkpoint import random_draft_state, save_draft
+
+    target_config = json.loads((Path(model) / "config.json").read_text())
+    directory = Path(tempfile.mkdtemp(prefix="longspec-untrained-draft-"))
+    save_draft(directory, random_draft_state(target_config), target_config, {})
+    return str(directory)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,11 +143,14 @@ def main(argv: list[str] | None = None) -> None:
 
     args.model = args.model or str(ensure_default_target())
     draft = args.draft
-    if draft is None:
-        if not (SHIPPED_DRAFT / "config.json").exists():
-            sys.exit("No trained draft is shipped in this version yet: pass --draft DIR "
-                     "(e.g. one trained with `vllm-longspec train`).")
+    if draft is None and (SHIPPED_DRAFT / "config.json").exists():
         draft = str(SHIPPED_DRAFT)
+    elif draft is None:
+        draft = _untrained_draft(args.model)
+        print("NOTE: no trained draft ships with this version yet, so this run uses "
+              "a randomly initialised draft: it shows the pipeline and that the "
+              "output is unchanged, not a speedup (pass --draft DIR for a trained "
+              "one).\n")
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     prompt = build_prompt(tokenizer, args.context_tokens)
     prompt_file = Path(tempfile.mkdtemp(prefix="longspec-demo-")) / "prompt.json"
