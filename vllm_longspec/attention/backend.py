@@ -37,6 +37,18 @@ from vllm_longspec.attention.spec_trees import get_spec_trees, tree_rows_of_batc
 from vllm_longspec.attention.tree_mask import MAX_SPEC_TOKENS, pack_ancestor_bits
 
 ENABLE_ENV = "VLLM_LONGSPEC_HYBRID_ATTENTION"
+# Tests: a file created the first time a process runs the hybrid path, so an
+# engine test can tell that the path ran (the worker is another process).
+USED_MARKER_ENV = "VLLM_LONGSPEC_HYBRID_USED_MARKER"
+_marked = False
+
+
+def _mark_hybrid_used() -> None:
+    global _marked
+    marker = os.environ.get(USED_MARKER_ENV)
+    if marker and not _marked:
+        open(marker, "a").close()
+        _marked = True
 BACKEND_CLASS_PATH = "vllm_longspec.attention.backend.HybridCPUAttentionBackend"
 
 
@@ -97,7 +109,10 @@ class HybridCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         num_reqs = common.num_reqs
         qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
         query_lens = [qsl[r + 1] - qsl[r] for r in range(num_reqs)]
-        masks = tree_rows_of_batch(get_spec_trees(), query_lens, MAX_SPEC_TOKENS)
+        trees = get_spec_trees()
+        if trees is None and self.window_size != -1:
+            return None  # chains only: sliding-window layers keep vLLM's kernel
+        masks = tree_rows_of_batch(trees, query_lens, MAX_SPEC_TOKENS)
         if not masks:
             return None
         self._check_tree_support()
@@ -173,6 +188,7 @@ class HybridCPUAttentionImpl(CPUAttentionBackendImpl):
             tree.query_start_loc, tree.ancestor_bits, self.scale, tree_out,
             cpu_isa=layer.isa)
         output[tree.token_index] = tree_out
+        _mark_hybrid_used()
         return output
 
     def _stock_rows(self, layer, query, key_half, value_half, stock, output) -> None:
