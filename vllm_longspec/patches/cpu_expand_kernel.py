@@ -54,11 +54,14 @@ def apply() -> None:
         return
     from vllm.platforms.cpu import CpuPlatform
 
-    _orig_register_triton_kernel_overrides = CpuPlatform.register_triton_kernel_overrides
+    # The function behind the classmethod, so the wrapper's signature is its own.
+    _orig_register_triton_kernel_overrides = (
+        CpuPlatform.register_triton_kernel_overrides.__func__
+    )
 
     @functools.wraps(_orig_register_triton_kernel_overrides)
     def register_triton_kernel_overrides(cls) -> None:
-        _orig_register_triton_kernel_overrides.__func__(cls)
+        _orig_register_triton_kernel_overrides(cls)
         from vllm.triton_utils import HAS_TRITON
         from vllm.triton_utils.dispatcher import register_kernels
 
