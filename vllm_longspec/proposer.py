@@ -46,7 +46,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
 from vllm_longspec.model.draft import CrossAttentionInputs
 from vllm_longspec.model.paged_attention import split_kv_cache
-from vllm_longspec.testing import TestProposer
+from vllm_longspec.testing import DraftRecorder, TestProposer
 
 logger = init_logger(__name__)
 
@@ -62,6 +62,7 @@ class LongSpecProposer(DraftModelProposer):
         self.target_layer_name: str | None = None
         self.target_kv_cache_gid = -1
         self.test_proposer = TestProposer.from_env()
+        self.recorder = DraftRecorder.from_env()
 
     # ---- loading -------------------------------------------------------------
 
@@ -153,6 +154,8 @@ class LongSpecProposer(DraftModelProposer):
             )
         )
         self.model.cross_attention_inputs = inputs
+        recording = self.recorder is not None and self.recorder.active
+        captured = self.recorder.capture(self.model) if recording else None
         try:
             draft_token_ids = super().propose(
                 num_speculative_tokens,
@@ -169,6 +172,11 @@ class LongSpecProposer(DraftModelProposer):
             )
         finally:
             self.model.cross_attention_inputs = None
+            if recording:
+                self.recorder.release(self.model)
+        if recording:
+            self.recorder.save(captured, draft_token_ids, self.runner,
+                               inputs.committed_lens)
         if self.test_proposer is not None:
             draft_token_ids = self.test_proposer.override(
                 draft_token_ids, self.runner, inputs.committed_lens

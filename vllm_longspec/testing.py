@@ -74,3 +74,66 @@ class TestProposer:
                     token = (token + 1) % vocab_size
                 drafts[i, k] = token
         return drafts
+
+
+RECORD_ENV_VAR = "VLLM_LONGSPEC_RECORD_DRAFTS"
+
+
+@dataclasses.dataclass
+class DraftRecorder:
+    """Saves what the draft computed in its first drafting rounds (tests only).
+
+    With ``VLLM_LONGSPEC_RECORD_DRAFTS='{"dir": "/path", "max_rounds": 8}'`` every
+    ``propose`` call, up to ``max_rounds``, writes ``round-NNNN.pt`` holding the
+    draft logits of each drafting step ([K, num_reqs, vocab]), the proposed
+    tokens, each request's committed length (position of its bonus token) and
+    prompt. The training-side draft must reproduce those logits (parity test).
+    """
+
+    __test__ = False
+
+    directory: str
+    max_rounds: int = 8
+    rounds: int = 0
+
+    @classmethod
+    def from_env(cls) -> DraftRecorder | None:
+        raw = os.environ.get(RECORD_ENV_VAR)
+        if not raw:
+            return None
+        options = json.loads(raw)
+        return cls(options["dir"], int(options.get("max_rounds", 8)))
+
+    @property
+    def active(self) -> bool:
+        return self.rounds < self.max_rounds
+
+    def capture(self, model) -> list[torch.Tensor]:
+        """Wrap ``model.compute_logits`` until ``release``; returns the list it fills."""
+        captured: list[torch.Tensor] = []
+        compute_logits = model.compute_logits
+
+        def recording(hidden_states: torch.Tensor) -> torch.Tensor:
+            logits = compute_logits(hidden_states)
+            captured.append(logits.detach().float().cpu().clone())
+            return logits
+
+        model.compute_logits = recording
+        return captured
+
+    @staticmethod
+    def release(model) -> None:
+        del model.compute_logits  # back to the class's method
+
+    def save(self, logits: list[torch.Tensor], draft_token_ids: torch.Tensor,
+             runner, committed_lens: torch.Tensor) -> None:
+        num_reqs = draft_token_ids.shape[0]
+        prompts = [list(runner.requests[req_id].prompt_token_ids)
+                   for req_id in runner.input_batch.req_ids[:num_reqs]]
+        torch.save({
+            "logits": torch.stack(logits),
+            "draft_token_ids": draft_token_ids.cpu().clone(),
+            "committed_lens": committed_lens.cpu().clone(),
+            "prompt_token_ids": prompts,
+        }, os.path.join(self.directory, f"round-{self.rounds:04d}.pt"))
+        self.rounds += 1

@@ -56,6 +56,10 @@ REQUIRED_PARAMS = (
 )
 UNUSED_PARAM_PREFIXES = ("cross_attn.k_proj.", "cross_attn.v_proj.")
 SHARED_PARAM_PREFIXES = ("embed_tokens.", "lm_head.")
+# Optional: the target token ids the draft may propose, sorted ([N] int64). The
+# draft's LM head is then the target's rows for these ids only (N x cheaper to
+# read per draft step); config.json's longspec.draft_vocab_size says N.
+DRAFT_VOCAB = "draft_vocab"
 
 # (reference name part, fused vLLM parameter, shard id)
 STACKED_PARAMS = (
@@ -107,6 +111,10 @@ class DraftCheckpoint:
     @property
     def recommended_num_speculative_tokens(self) -> int | None:
         return self.longspec.get("num_speculative_tokens")
+
+    @property
+    def draft_vocab_size(self) -> int:
+        return int(self.longspec.get("draft_vocab_size") or 0)
 
     @property
     def safetensors_files(self) -> list[Path]:
@@ -206,6 +214,13 @@ def check_draft_matches_target(draft: DraftCheckpoint, target_hf_config: Any) ->
         raise DraftCheckpointError(
             f"Draft {str(draft.path)!r} was made for a vocabulary of {draft_vocab} "
             f"tokens, the target has {target_hf_config.vocab_size}."
+        )
+    stored = draft.shapes.get(DRAFT_VOCAB, (0,))
+    if tuple(stored) != (draft.draft_vocab_size,):
+        raise DraftCheckpointError(
+            f"Draft {str(draft.path)!r}: config.json says draft_vocab_size "
+            f"{draft.draft_vocab_size}, the weights hold a {DRAFT_VOCAB} of shape "
+            f"{list(stored)}. Rewrite it with `vllm-longspec draft-vocab`."
         )
 
 

@@ -8,6 +8,12 @@ One decoder block on top of the target's token embeddings:
     h = h + MLP(RMSNorm3(h))          # SwiGLU
     logits = lm_head_target(h)        # no final norm
 
+Draft vocabulary (optional, ``draft_vocab`` in the checkpoint): the LM head is
+then the target's rows for a frequent subset of tokens, copied once at load;
+other tokens get logit -inf, so the draft never proposes them (greedy) or gives
+them probability 0 (sampled). Verification is unchanged, so output is too; only
+the LM head, the biggest cost of a draft step, reads N rows instead of V.
+
 Memory: the self-attention is a vLLM ``Attention`` layer with a sliding window,
 so vLLM gives it its own KV cache group whose blocks outside the window are
 freed: the draft's KV per request is bounded by the window, not the context.
@@ -44,7 +50,7 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
 from vllm_longspec.config import DEFAULT_SLIDING_WINDOW
-from vllm_longspec.model.checkpoint import map_param_name
+from vllm_longspec.model.checkpoint import DRAFT_VOCAB, canonical_name, map_param_name
 from vllm_longspec.model.paged_attention import paged_decode_attention
 
 
@@ -243,6 +249,11 @@ class LongSpecForCausalLM(nn.Module):
         self.post_cross_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
         self.mlp = LongSpecMLP(config, prefix=f"{prefix}.mlp")
         self.logits_processor = LogitsProcessor(config.vocab_size)
+        draft_vocab_size = int(settings.get("draft_vocab_size") or 0)
+        self.register_buffer(
+            DRAFT_VOCAB, torch.zeros(draft_vocab_size, dtype=torch.long), persistent=False
+        )
+        self.vocab_head: torch.Tensor | None = None  # [N, hidden], set by bind_target
         # Bound to the target's modules by the proposer after loading.
         self.embed_tokens: nn.Module | None = None
         self.lm_head: nn.Module | None = None
@@ -251,6 +262,13 @@ class LongSpecForCausalLM(nn.Module):
     def bind_target(self, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
+        if self.draft_vocab.numel():
+            if _tp_size() > 1:
+                raise ValueError(
+                    "A LongSpec draft vocabulary needs tensor_parallel_size 1 "
+                    "(the LM head rows are sharded otherwise)."
+                )
+            self.vocab_head = lm_head.weight.detach()[self.draft_vocab].contiguous()
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -281,12 +299,22 @@ class LongSpecForCausalLM(nn.Module):
         return hidden.index_copy(0, rows, row_hidden)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.logits_processor(self.lm_head, hidden_states)
+        if self.vocab_head is None:
+            return self.logits_processor(self.lm_head, hidden_states)
+        logits = hidden_states.new_full(
+            (hidden_states.shape[0], self.config.vocab_size), float("-inf")
+        )
+        logits[:, self.draft_vocab] = hidden_states @ self.vocab_head.T
+        return logits
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for name, tensor in weights:
+            if canonical_name(name) == DRAFT_VOCAB:
+                self.draft_vocab.copy_(tensor)
+                loaded.add(name)
+                continue
             mapped = map_param_name(name)
             if mapped is None:
                 continue

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sysconfig
 from pathlib import Path
 from typing import Any, Literal
@@ -54,7 +55,7 @@ class SourceConfig:
 
     def expanded_paths(self) -> list[str]:
         stdlib = sysconfig.get_paths()["stdlib"]
-        return [p.replace("{stdlib}", stdlib) for p in self.paths]
+        return [os.path.expanduser(p.replace("{stdlib}", stdlib)) for p in self.paths]
 
 
 @dataclasses.dataclass(frozen=True)
