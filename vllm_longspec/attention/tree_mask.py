@@ -5,9 +5,11 @@ token, query position 0) followed by its draft tokens in topological order,
 described by ``parents``: ``parents[0] == -1`` and ``0 <= parents[i] < i``.
 A chain is ``parents[i] == i - 1`` (the causal default).
 
-Token i sees token j iff j is i or an ancestor of i. Kernels take that mask as
-``ancestor_bits`` [num_tokens, words] int32 (bit ``j % 32`` of word ``j // 32``),
-at most ``MAX_SPEC_TOKENS`` tokens per request.
+Token i sees token j iff j is i or an ancestor of i: ``ancestor_mask``, or
+batched from a tensor, ``ancestor_masks`` (also used by ``vllm_longspec.tree``
+for masks over draft nodes only). Kernels take that mask as ``ancestor_bits``
+[num_tokens, words] int32 (bit ``j % 32`` of word ``j // 32``), at most
+``MAX_SPEC_TOKENS`` tokens per request.
 """
 
 from __future__ import annotations
@@ -41,12 +43,22 @@ def validate_parents(parents: Sequence[int]) -> None:
 def ancestor_mask(parents: Sequence[int]) -> torch.Tensor:
     """[n, n] bool: entry (i, j) is True iff token i sees token j."""
     validate_parents(parents)
-    n = len(parents)
-    mask = torch.eye(n, dtype=torch.bool)
-    for i, parent in enumerate(parents):
-        if parent >= 0:
-            mask[i] |= mask[parent]
-    return mask
+    return ancestor_masks(torch.tensor(parents))
+
+
+def ancestor_masks(parents: torch.Tensor) -> torch.Tensor:
+    """[..., n] int parents (-1: none) -> [..., n, n] bool, (i, j) True iff j is i
+    or an ancestor of i. Batched, on the parents' device, without host syncs.
+
+    The "itself or its parent" relation squared ceil(log2 n) times: after k
+    squarings it reaches 2**k generations up, and no chain is longer than n - 1.
+    """
+    n = parents.shape[-1]
+    nodes = torch.arange(n, device=parents.device)
+    reach = ((parents.unsqueeze(-1) == nodes) | (nodes.unsqueeze(-1) == nodes)).float()
+    for _ in range((n - 1).bit_length()):
+        reach = (reach @ reach).clamp_(max=1)
+    return reach.bool()
 
 
 def pack_ancestor_bits(masks: Sequence[torch.Tensor]) -> torch.Tensor:
