@@ -1,0 +1,93 @@
+"""How each request of a batch samples, and the random draws that follows from it.
+
+Greedy requests have temperature 0. For the others the target distribution is
+vLLM's: logits / temperature, then top-k, then top-p (on the top-k
+renormalised distribution, keeping at least the most likely token). The draft
+distribution gets the temperature only: verification is lossless for any draft
+distribution, provided the candidates are drawn from it and verification is
+handed the same one.
+
+Randomness: a row listed in ``generators`` (a seeded request) draws from its own
+generator, the other rows from torch's default generator, as in vLLM's sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class BatchSampling:
+    temperature: torch.Tensor            # [B] float, 0 = greedy
+    top_k: torch.Tensor | None = None    # [B] int, <= 0 = off
+    top_p: torch.Tensor | None = None    # [B] float, >= 1 = off
+    generators: Mapping[int, torch.Generator] = field(default_factory=dict)
+
+    @classmethod
+    def greedy(cls, batch_size: int, device: torch.device | str = "cpu") -> BatchSampling:
+        return cls(torch.zeros(batch_size, device=device))
+
+    @property
+    def batch_size(self) -> int:
+        return self.temperature.shape[0]
+
+    @property
+    def is_greedy(self) -> torch.Tensor:
+        """[B] bool."""
+        return self.temperature == 0
+
+    def draft_log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, ..., V] logits -> log-probs at each row's temperature (1 for greedy rows)."""
+        return torch.log_softmax(self._scaled(logits), dim=-1)
+
+    def target_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, ..., V] logits -> the distribution a sampled row draws from.
+
+        Greedy rows get temperature 1 and no filtering (they verify by argmax).
+        """
+        probs = torch.softmax(self._scaled(logits), dim=-1)
+        if self.top_k is None and self.top_p is None:
+            return probs
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+        if self.top_k is not None:
+            rank = torch.arange(probs.shape[-1], device=probs.device)
+            top_k = self._per_row(self.top_k, probs)
+            keep &= (top_k <= 0) | (rank < top_k)
+        if self.top_p is not None:
+            kept = sorted_probs * keep
+            kept = kept / kept.sum(-1, keepdim=True)
+            mass_before = kept.cumsum(-1) - kept
+            top_p = self._per_row(self.top_p, probs)
+            keep &= (top_p >= 1) | (mass_before < top_p)
+        filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+        return filtered / filtered.sum(-1, keepdim=True)
+
+    def uniforms(self, *shape: int, device: torch.device | str) -> torch.Tensor:
+        """[B, *shape] independent U[0, 1) draws."""
+        return self._draw(lambda out, gen: out.uniform_(generator=gen), shape, device)
+
+    def exponentials(self, *shape: int, device: torch.device | str) -> torch.Tensor:
+        """[B, *shape] independent Exp(1) draws, clamped away from 0 (safe to divide by)."""
+        draws = self._draw(lambda out, gen: out.exponential_(generator=gen), shape, device)
+        return draws.clamp_(min=torch.finfo(draws.dtype).tiny)
+
+    def _draw(self, fill: Callable[[torch.Tensor, torch.Generator | None], torch.Tensor],
+              shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+        out = torch.empty(self.batch_size, *shape, device=device)
+        fill(out, None)
+        for row, generator in self.generators.items():
+            fill(out[row], generator)
+        return out
+
+    def _scaled(self, logits: torch.Tensor) -> torch.Tensor:
+        temperature = torch.where(self.is_greedy, 1.0, self.temperature)
+        return logits / self._per_row(temperature, logits)
+
+    @staticmethod
+    def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """[B] -> [B, 1, ..., 1] broadcasting against ``like``."""
+        return values.view(-1, *([1] * (like.dim() - 1)))
