@@ -1,11 +1,15 @@
 """Tree speculation in plain torch (no vLLM): tree structures, the dynamic beam
 tree builder and lossless verification. See docs/tree-speculation.md."""
 
+from vllm_longspec.tree.beam import BeamTree, BeamTreeBuilder, TreeLevel
 from vllm_longspec.tree.sampling import BatchSampling
 from vllm_longspec.tree.structure import DraftTree, RaggedTrees
 
 __all__ = [
     "BatchSampling",
+    "BeamTree",
+    "BeamTreeBuilder",
     "DraftTree",
     "RaggedTrees",
+    "TreeLevel",
 ]
