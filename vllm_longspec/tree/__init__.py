@@ -4,6 +4,13 @@ tree builder and lossless verification. See docs/tree-speculation.md."""
 from vllm_longspec.tree.beam import BeamTree, BeamTreeBuilder, TreeLevel
 from vllm_longspec.tree.sampling import BatchSampling
 from vllm_longspec.tree.structure import DraftTree, RaggedTrees
+from vllm_longspec.tree.verify import (
+    Verification,
+    VerifyNoise,
+    verify,
+    verify_greedy,
+    verify_sampling,
+)
 
 __all__ = [
     "BatchSampling",
@@ -12,4 +19,9 @@ __all__ = [
     "DraftTree",
     "RaggedTrees",
     "TreeLevel",
+    "Verification",
+    "VerifyNoise",
+    "verify",
+    "verify_greedy",
+    "verify_sampling",
 ]
