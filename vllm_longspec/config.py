@@ -16,6 +16,10 @@ METHOD_NAME = "longspec"
 DEFAULT_SLIDING_WINDOW = 512
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
 MAX_NUM_SPECULATIVE_TOKENS = 16
+# A tree's nodes and its root are verified in one target forward of at most
+# kernels.checks.MAX_SPEC_TOKENS = 128 tokens per request (the hybrid tree
+# attention's mask width; tests/unit/test_config.py ties the two).
+MAX_TREE_NODES = 127
 
 DraftSampleMethod = Literal["greedy", "probabilistic"]
 
@@ -39,12 +43,16 @@ class LongSpecConfig:
             distribution and hands its probabilities to the rejection sampler;
             "greedy" proposes the draft's argmax. Both are lossless; greedy
             requests always draft greedily.
+        tree: level widths of the dynamic beam tree drafted each step, e.g.
+            ``(4, 16, 16)`` (docs/tree-speculation.md); ``None`` drafts a chain.
+            All widths 1 is a chain and is stored as ``None``.
     """
 
     model: str
     num_speculative_tokens: int | None = None
     sliding_window: int | None = None
     draft_sample_method: DraftSampleMethod = "probabilistic"
+    tree: tuple[int, ...] | None = None
 
     @classmethod
     def allowed_keys(cls) -> tuple[str, ...]:
@@ -96,9 +104,50 @@ class LongSpecConfig:
                 "Key 'draft_sample_method' must be 'greedy' or 'probabilistic', "
                 f"got {sample!r}."
             )
+        tree = _parse_tree(options.get("tree"))
+        if tree is not None and all(width == 1 for width in tree):
+            # A width-1 tree is the chain of its depth.
+            if k is not None and k != len(tree):
+                raise LongSpecConfigError(
+                    f"Key 'tree' {list(tree)} is a chain of {len(tree)} tokens but "
+                    f"'num_speculative_tokens' is {k}; give only one of them.")
+            tree, k = None, len(tree)
+        if tree is not None:
+            if k is not None and k != sum(tree):
+                raise LongSpecConfigError(
+                    f"Key 'tree' {list(tree)} drafts {sum(tree)} tokens per step but "
+                    f"'num_speculative_tokens' is {k}; leave "
+                    "'num_speculative_tokens' out when giving a tree.")
+            if sample != "probabilistic":
+                raise LongSpecConfigError(
+                    "Key 'tree' needs 'draft_sample_method' 'probabilistic': sampled "
+                    "requests draw each node's children from the draft distribution, "
+                    "which tree verification needs (greedy requests always take the "
+                    "beam's most likely children).")
         return cls(
             model=model,
             num_speculative_tokens=k,
             sliding_window=window,
             draft_sample_method=sample,
+            tree=tree,
         )
+
+    @property
+    def num_draft_tokens(self) -> int | None:
+        """Tokens drafted per step: the tree's nodes or the chain's length."""
+        return sum(self.tree) if self.tree is not None else self.num_speculative_tokens
+
+
+def _parse_tree(tree: Any) -> tuple[int, ...] | None:
+    if tree is None:
+        return None
+    if (not isinstance(tree, (list, tuple)) or not tree
+            or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in tree)):
+        raise LongSpecConfigError(
+            "Key 'tree' must be a non-empty list of positive level widths, e.g. "
+            f"[4, 16, 16], got {tree!r}.")
+    if sum(tree) > MAX_TREE_NODES:
+        raise LongSpecConfigError(
+            f"Key 'tree' {list(tree)} has {sum(tree)} nodes; at most "
+            f"{MAX_TREE_NODES} fit one verification forward (with the root).")
+    return tuple(tree)

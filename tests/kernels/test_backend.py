@@ -74,6 +74,7 @@ class Batch:
             self.head_size, self.dtype, BLOCK_SIZE)
         builder.window_size, builder.kv_cache_dtype, builder.isa = -1, "auto", self.isa
         builder.is_cross_attention = builder.is_encoder_only_attention = False
+        builder.layer_names = ["model.layers.0.self_attn.attn"]
         return builder
 
     def impl(self, cls, monkeypatch):
@@ -170,6 +171,16 @@ def test_tree_smaller_than_query_is_an_error(monkeypatch):
     with spec_trees(SpecTreeBatch({3: [-1, 0, 0]})), pytest.raises(ValueError,
                                                                     match="only 3"):
         batch.run(*hybrid, monkeypatch)
+
+
+def test_trees_apply_to_their_layers_only(monkeypatch):
+    """The target's trees do not reach a draft layer's builder (same backend)."""
+    batch = Batch(torch.float32, 4, 2, 64, seed=7)
+    _, hybrid = _classes()
+    draft_only = frozenset({"draft_model.layers.30.self_attn.attn"})
+    with spec_trees(SpecTreeBatch({3: [-1, 0, 0]}, layer_names=draft_only)):
+        _, metadata = batch.run(*hybrid, monkeypatch)
+    assert metadata.hybrid_plan is None
 
 
 def test_registration_is_opt_in(monkeypatch):

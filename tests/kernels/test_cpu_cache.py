@@ -14,7 +14,9 @@ import torch
 
 from vllm_longspec.attention.cpu_cache import (
     gather_kv_blocks,
+    gather_kv_tokens,
     logical_kv_views,
+    move_kv_tokens,
     split_kv_pages,
 )
 
@@ -54,6 +56,36 @@ def test_gather_decodes_vllm_packing(isa, dtype, head_size, block_size):
     got_v = got_v.permute(0, 2, 1, 3).reshape(-1, *values.shape[1:])[: len(pos)]
     assert torch.equal(got_k, keys) and torch.equal(got_v, values)
     assert torch.equal(kv_cache.isnan(), before.isnan()), "decoding must not write"
+
+
+@pytest.mark.parametrize("isa,dtype,head_size,block_size", CASES)
+def test_gather_tokens_reads_chosen_slots(isa, dtype, head_size, block_size):
+    gen = torch.Generator().manual_seed(7 * head_size + block_size)
+    _, key_half, value_half, keys, values, blocks, pos = _write(
+        isa, dtype, head_size, block_size, gen)
+    chosen = torch.tensor([len(pos) - 1, 0, block_size + 3, 5, 0])  # any order, repeats
+    slots = blocks[chosen // block_size] * block_size + chosen % block_size
+    got_k, got_v = gather_kv_tokens(key_half, value_half, slots, isa)
+    assert torch.equal(got_k, keys[chosen]) and torch.equal(got_v, values[chosen])
+
+
+@pytest.mark.parametrize("isa,dtype,head_size,block_size", CASES)
+def test_move_tokens_overlapping_source_and_destination(isa, dtype, head_size, block_size):
+    """An accepted tree path moving down: destinations overlap later sources."""
+    gen = torch.Generator().manual_seed(3 * head_size + block_size)
+    kv_cache, key_half, value_half, keys, values, blocks, pos = _write(
+        isa, dtype, head_size, block_size, gen)
+    src = torch.tensor([block_size - 2, block_size + 1, block_size + 4])
+    dst = torch.tensor([block_size - 3, block_size - 2, block_size - 1])
+
+    def slots(p):
+        return blocks[p // block_size] * block_size + p % block_size
+
+    move_kv_tokens(kv_cache, slots(src), slots(dst), isa)
+    expected_k, expected_v = keys.clone(), values.clone()
+    expected_k[dst], expected_v[dst] = keys[src], values[src]
+    got_k, got_v = gather_kv_tokens(key_half, value_half, slots(pos), isa)
+    assert torch.equal(got_k, expected_k) and torch.equal(got_v, expected_v)
 
 
 @pytest.mark.parametrize("isa", ["vec", "vec16"])

@@ -59,3 +59,15 @@ def test_seeded_rows_draw_from_their_own_generator(draw):
     assert torch.equal(first[0], second[3])
     assert not torch.equal(first[1], second[4])
     assert (first > 0).all() if draw == "exponentials" else (first < 1).all()
+
+
+def test_select_keeps_each_rows_settings_and_generator():
+    gens = {1: torch.Generator().manual_seed(1), 3: torch.Generator().manual_seed(3)}
+    sampling = BatchSampling(torch.tensor([0.0, 0.5, 1.0, 2.0]), torch.tensor([0, 1, 2, 3]),
+                             torch.tensor([1.0, 0.9, 0.8, 0.7]), gens)
+    chosen = sampling.select([3, 0])
+    assert chosen.temperature.tolist() == [2.0, 0.0]
+    assert chosen.top_k.tolist() == [3, 0]
+    torch.testing.assert_close(chosen.top_p, torch.tensor([0.7, 1.0]))
+    assert chosen.generators == {0: gens[3]}
+    assert BatchSampling(torch.zeros(2)).select([1]).top_k is None

@@ -44,3 +44,47 @@ def test_bad_keys_and_values_are_named(extra, message):
 def test_missing_model_is_named():
     with pytest.raises(LongSpecConfigError, match="'model' is required"):
         LongSpecConfig.from_user_dict({"method": "longspec"})
+
+
+def test_tree_widths_set_the_number_of_draft_tokens():
+    config = LongSpecConfig.from_user_dict(
+        {"method": "longspec", "model": "/d", "tree": [4, 4, 4, 4]})
+    assert config.tree == (4, 4, 4, 4)
+    assert config.num_draft_tokens == 16
+    assert LongSpecConfig.from_user_dict(
+        {"method": "longspec", "model": "/d", "tree": [2, 2], "num_speculative_tokens": 4}
+    ).num_draft_tokens == 4
+
+
+def test_all_ones_tree_is_a_chain():
+    config = LongSpecConfig.from_user_dict(
+        {"method": "longspec", "model": "/d", "tree": [1, 1, 1]})
+    assert config.tree is None
+    assert config.num_speculative_tokens == config.num_draft_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ({"tree": []}, "Key 'tree' must be a non-empty list"),
+        ({"tree": [2, 0]}, "Key 'tree' must be a non-empty list"),
+        ({"tree": [2, 1.5]}, "Key 'tree' must be a non-empty list"),
+        ({"tree": "4,4"}, "Key 'tree' must be a non-empty list"),
+        ({"tree": [True, 2]}, "Key 'tree' must be a non-empty list"),
+        ({"tree": [64, 64]}, "Key 'tree' .* has 128 nodes"),
+        ({"tree": [2, 2], "num_speculative_tokens": 3}, "'num_speculative_tokens' is 3"),
+        ({"tree": [1, 1], "num_speculative_tokens": 3}, "'num_speculative_tokens' is 3"),
+        ({"tree": [2, 2], "draft_sample_method": "greedy"},
+         "Key 'tree' needs 'draft_sample_method'"),
+    ],
+)
+def test_bad_trees_are_named(extra, message):
+    with pytest.raises(LongSpecConfigError, match=message):
+        LongSpecConfig.from_user_dict({"method": "longspec", "model": "/d", **extra})
+
+
+def test_tree_node_limit_matches_the_attention_kernels():
+    from vllm_longspec.config import MAX_TREE_NODES
+    from vllm_longspec.kernels.checks import MAX_SPEC_TOKENS
+
+    assert MAX_TREE_NODES == MAX_SPEC_TOKENS - 1

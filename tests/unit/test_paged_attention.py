@@ -84,6 +84,30 @@ def test_cpu_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_size)
     assert torch.equal(cache.kv_cache, before), "the target cache must not change"
 
 
+@pytest.mark.parametrize("cpu", [True, False], ids=["cpu_kernel", "reference"])
+def test_several_queries_per_request(cpu):
+    """A draft tree level: each request's nodes all attend its whole prefix."""
+    gen = torch.Generator().manual_seed(5)
+    seq_lens = torch.tensor([129, 7, 300], dtype=torch.int32)
+    cache = PagedCache(seq_lens.tolist(), 3, 64, torch.float32, gen)
+    keys, values = split_kv_cache(cache.kv_cache, "cpu")
+    counts = torch.tensor([4, 1, 3])
+    query_start_loc = torch.cat([torch.zeros(1), counts.cumsum(0)]).to(torch.int32)
+    query = torch.randn(int(counts.sum()), 9, 64, generator=gen)
+    rows = torch.arange(3).repeat_interleave(counts)
+    expected, _ = reference_attention(query, cache.plain_keys, cache.plain_values,
+                                      cache.block_table[rows], seq_lens[rows], 0.125)
+    if cpu:
+        got = paged_decode_attention(query, keys, values, cache.block_table, seq_lens,
+                                     0.125, cpu_isa=_cpu_isa(torch.float32, 64),
+                                     query_start_loc=query_start_loc)
+    else:
+        got = paged_decode_attention(query, cache.plain_keys, cache.plain_values,
+                                     cache.block_table, seq_lens, 0.125,
+                                     query_start_loc=query_start_loc)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
 def test_reference_fallback_reads_split_content_layout():
     gen = torch.Generator().manual_seed(1)
     seq_lens = torch.tensor([3, 300], dtype=torch.int32)

@@ -110,6 +110,8 @@ class HybridCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
         query_lens = [qsl[r + 1] - qsl[r] for r in range(num_reqs)]
         trees = get_spec_trees()
+        if trees is not None and not trees.applies_to(self.layer_names):
+            trees = None  # e.g. the draft's layers during the target's build
         if trees is None and self.window_size != -1:
             return None  # chains only: sliding-window layers keep vLLM's kernel
         masks = tree_rows_of_batch(trees, query_lens, MAX_SPEC_TOKENS)

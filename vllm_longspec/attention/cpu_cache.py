@@ -23,7 +23,10 @@ machines; other ISAs, e.g. ``neon``, are not decoded here.)
 ``logical_kv_views`` turns the two halves into strided views
 ``[num_blocks, num_kv_heads, block_size, head_size]`` indexed (block, head,
 token, dim) - no copy - for ``vec``/``vec16``. ``gather_kv_blocks`` copies chosen
-blocks into plain rows for any decoded ISA (the only way to read ``amx``).
+blocks into plain rows for any decoded ISA (the only way to read ``amx``), and
+``gather_kv_tokens`` chosen slots (block * block_size + offset);
+``move_kv_tokens`` copies slots to other slots (reading them decoded, writing
+them back with vLLM's own op).
 """
 
 from __future__ import annotations
@@ -89,6 +92,36 @@ def gather_kv_blocks(
         n, num_kv_heads, head_size // 16, block_size // 2, 16, 2)
     values = values.permute(0, 1, 3, 5, 2, 4).reshape(n, num_kv_heads, block_size, head_size)
     return keys, values
+
+
+def gather_kv_tokens(
+    key_half: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size] packed
+    value_half: torch.Tensor,
+    slots: torch.Tensor,  # [n] int: block * block_size + offset
+    isa: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain copies ``[n, num_kv_heads, head_size]`` of the K/V stored at ``slots``."""
+    block_size = key_half.shape[2]
+    slots = slots.long()
+    blocks, inverse = torch.unique(slots // block_size, return_inverse=True)
+    keys, values = gather_kv_blocks(key_half, value_half, blocks, isa)
+    offsets = slots % block_size
+    return keys[inverse, :, offsets], values[inverse, :, offsets]
+
+
+def move_kv_tokens(
+    kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head_size]
+    src_slots: torch.Tensor,  # [n] int
+    dst_slots: torch.Tensor,  # [n] int
+    isa: str,
+) -> None:
+    """Copy the K/V stored at ``src_slots`` to ``dst_slots`` (all read first)."""
+    from vllm import _custom_ops as ops
+
+    key_half, value_half = split_kv_pages(kv_cache)
+    keys, values = gather_kv_tokens(key_half, value_half, src_slots, isa)
+    ops.cpu_attn_reshape_and_cache(keys, values, key_half, value_half,
+                                   dst_slots.long(), isa)
 
 
 def _pages(half: torch.Tensor) -> torch.Tensor:

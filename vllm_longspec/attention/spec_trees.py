@@ -43,6 +43,9 @@ HYBRID_CHAINS_ENV = "VLLM_LONGSPEC_HYBRID_CHAINS"
 class SpecTreeBatch:
     # batch row -> parents over that row's query tokens
     parents_by_row: Mapping[int, Sequence[int]]
+    # the attention layers whose forward verifies the trees (the target's, not
+    # a draft model's that shares the backend); None: every layer
+    layer_names: frozenset[str] | None = None
     _masks: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
@@ -56,6 +59,10 @@ class SpecTreeBatch:
         rows = {row: parents_by_request[req_id] for row, req_id in enumerate(req_ids)
                 if req_id in parents_by_request}
         return cls(rows)
+
+    def applies_to(self, layer_names: Sequence[str]) -> bool:
+        """Whether a metadata builder of these layers verifies the trees."""
+        return self.layer_names is None or not self.layer_names.isdisjoint(layer_names)
 
     def mask(self, row: int, query_len: int) -> torch.Tensor:
         """[query_len, query_len] bool ancestor mask of row ``row``."""

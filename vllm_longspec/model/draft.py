@@ -26,6 +26,12 @@ needs cross-attention and MLP (one row per request and step); every other row
 K/V in the window cache, which depends on nothing but the token and its
 position. The proposer names the rows in ``CrossAttentionInputs.rows``; the
 hidden states of the other rows are returned half-computed and never sampled.
+
+Tree levels (``tree_attention`` set by the proposer): the rows are the nodes of
+one level of the round's trees; self-attention goes through
+``TreeSelfAttention`` (window + ancestors, nothing written to the cache) and
+every row runs the whole block, its cross-attention reading the request's
+committed target prefix like a chain token.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm_longspec.config import DEFAULT_SLIDING_WINDOW
 from vllm_longspec.model.checkpoint import DRAFT_VOCAB, canonical_name, map_param_name
 from vllm_longspec.model.paged_attention import paged_decode_attention
+from vllm_longspec.model.tree_attention import TreeSelfAttention
 
 
 @dataclasses.dataclass
@@ -70,6 +77,9 @@ class CrossAttentionInputs:
     # [num_reqs] token index of each request's sampled row in the next forward;
     # None: the first num_reqs tokens (one per request, the later draft steps)
     rows: torch.Tensor | None = None
+    # [num_reqs + 1] int32 split of the rows among requests when a request has
+    # several (the nodes of a tree level); None: one row per request
+    query_start_loc: torch.Tensor | None = None
 
     def take_rows(self, device: torch.device) -> torch.Tensor:
         rows = self.rows
@@ -103,6 +113,7 @@ class LongSpecSelfAttention(nn.Module):
         self.num_kv_heads = max(1, config.num_key_value_heads // tp)
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
@@ -123,18 +134,20 @@ class LongSpecSelfAttention(nn.Module):
         self.attn = Attention(
             self.num_heads,
             self.head_dim,
-            self.head_dim**-0.5,
+            self.scale,
             num_kv_heads=self.num_kv_heads,
             cache_config=cache_config,
             per_layer_sliding_window=window + 1,
             prefix=attn_layer_name,
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                tree: TreeSelfAttention | None = None) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        out, _ = self.o_proj(self.attn(q, k, v))
+        attended = self.attn(q, k, v) if tree is None else tree(q, k, v)
+        out, _ = self.o_proj(attended)
         return out
 
 
@@ -163,8 +176,8 @@ class LongSpecCrossAttention(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,  # [num_reqs]
-        hidden: torch.Tensor,  # [num_reqs, hidden_size]
+        positions: torch.Tensor,  # [num_rows]
+        hidden: torch.Tensor,  # [num_rows, hidden_size]
         inputs: CrossAttentionInputs,
     ) -> torch.Tensor:
         q, _ = self.q_proj(hidden)
@@ -178,6 +191,7 @@ class LongSpecCrossAttention(nn.Module):
             inputs.committed_lens,
             self.scale,
             cpu_isa=inputs.cpu_isa,
+            query_start_loc=inputs.query_start_loc,
         )
         out, _ = self.o_proj(out.reshape(hidden.shape[0], -1))
         return out
@@ -258,6 +272,7 @@ class LongSpecForCausalLM(nn.Module):
         self.embed_tokens: nn.Module | None = None
         self.lm_head: nn.Module | None = None
         self.cross_attention_inputs: CrossAttentionInputs | None = None
+        self.tree_attention: TreeSelfAttention | None = None
 
     def bind_target(self, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
         self.embed_tokens = embed_tokens
@@ -283,7 +298,8 @@ class LongSpecForCausalLM(nn.Module):
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(
             input_ids
         )
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden))
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden),
+                                         self.tree_attention)
         inputs = self.cross_attention_inputs
         if inputs is None:
             # Warm-up and memory profiling: there is no target cache to read.

@@ -12,8 +12,8 @@ depends on the backend:
   last dimension; plain token rows.
 
 ``split_kv_cache`` returns strided K and V views of either layout (no copy), and
-``paged_decode_attention`` attends one query per request over the first
-``seq_lens[i]`` cached tokens. On CPU it calls vLLM's own CPU attention kernel on
+``paged_decode_attention`` attends one query per request (or several, e.g. the
+nodes of a draft tree level) over the first ``seq_lens[i]`` cached tokens. On CPU it calls vLLM's own CPU attention kernel on
 those views with the target's block table, so the target cache is read where it
 lies, in the format that kernel wrote. Elsewhere it falls back to the plain-torch
 reference (a gather per request, plain token rows): correct, not fast, and NOT
@@ -48,36 +48,48 @@ def split_kv_cache(
 
 
 def paged_decode_attention(
-    query: torch.Tensor,  # [num_reqs, num_heads, head_size]
+    query: torch.Tensor,  # [num_queries, num_heads, head_size]
     key_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, head_size]
     value_cache: torch.Tensor,
     block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
     seq_lens: torch.Tensor,  # [num_reqs] int32
     scale: float,
     cpu_isa: str | None = None,
+    query_start_loc: torch.Tensor | None = None,  # [num_reqs + 1] int32
 ) -> torch.Tensor:
-    """Output [num_reqs, num_heads, head_size]; one query per request, no mask.
+    """Output [num_queries, num_heads, head_size]; no mask.
 
-    ``cpu_isa`` (the ISA string vLLM's CPU backend chose for the target layer)
-    selects vLLM's CPU kernel; ``None`` uses the reference implementation.
+    Request r's queries are rows ``query_start_loc[r]:query_start_loc[r + 1]``
+    (``None``: one query per request); each attends the request's first
+    ``seq_lens[r]`` cached tokens. ``cpu_isa`` (the ISA string vLLM's CPU
+    backend chose for the target layer) selects vLLM's CPU kernel; ``None`` uses
+    the reference implementation.
     """
+    num_reqs = seq_lens.shape[0]
+    if query_start_loc is None:
+        query_start_loc = torch.arange(num_reqs + 1, dtype=torch.int32,
+                                       device=query.device)
     if cpu_isa is None:
+        rows = torch.repeat_interleave(
+            torch.arange(num_reqs, device=query.device),
+            query_start_loc.diff().long(), output_size=query.shape[0])
         return reference_paged_decode_attention(
-            query, key_cache, value_cache, block_table, seq_lens, scale
+            query, key_cache, value_cache, block_table[rows], seq_lens[rows], scale
         )[0]
     return _cpu_paged_decode_attention(
-        query, key_cache, value_cache, block_table, seq_lens, scale, cpu_isa
+        query, key_cache, value_cache, block_table, seq_lens, scale, cpu_isa,
+        query_start_loc.to(torch.int32)
     )
 
 
 def _cpu_paged_decode_attention(
-    query, key_cache, value_cache, block_table, seq_lens, scale, isa
+    query, key_cache, value_cache, block_table, seq_lens, scale, isa, query_start_loc
 ) -> torch.Tensor:
     from vllm import _custom_ops as ops
 
-    num_reqs, num_heads, head_size = query.shape
+    num_reqs = seq_lens.shape[0]
+    num_heads, head_size = query.shape[1:]
     num_kv_heads = key_cache.shape[1]
-    query_start_loc = torch.arange(num_reqs + 1, dtype=torch.int32)
     seq_lens = seq_lens.to(torch.int32)
     scheduler_metadata = ops.cpu_attn_get_scheduler_metadata(
         num_reqs=num_reqs,

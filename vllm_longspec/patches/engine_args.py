@@ -7,8 +7,9 @@ Why: ``SpeculativeConfig.method`` is a closed ``Literal`` checked by pydantic
 How: for ``{"method": "longspec", ...}`` validate the LongSpec keys and the draft
     directory against the target (clear errors, before anything loads), then
     let the original build a ``"draft_model"`` config for the same directory and
-    mark its hf_config as a LongSpec draft (architecture, window). Any other
-    config goes to the original untouched.
+    mark its hf_config as a LongSpec draft (architecture, window, tree). A tree
+    reserves one speculative slot per node and switches the hybrid tree
+    attention backend on. Any other config goes to the original untouched.
 When it can go: when vLLM lets plugins register speculative methods.
 """
 
@@ -77,7 +78,7 @@ def build_longspec_speculative_config(
     engine_args.speculative_config = {
         "method": "draft_model",
         "model": str(draft.path),
-        "num_speculative_tokens": config.num_speculative_tokens
+        "num_speculative_tokens": config.num_draft_tokens
         or draft.recommended_num_speculative_tokens
         or DEFAULT_NUM_SPECULATIVE_TOKENS,
         "draft_sample_method": config.draft_sample_method,
@@ -92,11 +93,30 @@ def build_longspec_speculative_config(
     hf_config.longspec = {
         **draft.longspec,
         "sliding_window": config.sliding_window or draft.sliding_window,
+        "tree": list(config.tree) if config.tree is not None else None,
     }
     speculative_config.update_arch_()
+    if config.tree is not None:
+        enable_tree_attention()
     # LongSpec drives the V1 model runner; on GPUs vLLM would pick V2.
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     return speculative_config
+
+
+def enable_tree_attention() -> None:
+    """Tree verification runs the target's attention through the hybrid tree
+    attention backend: override CPU_ATTN here (an in-process engine) and in
+    every process started from here (the plugin reads the variable)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        raise UnsupportedConfigurationError(
+            "LongSpec key 'tree' needs vLLM's CPU backend for now: the hybrid tree "
+            "attention backend exists for CPU only. Leave 'tree' out to draft chains.")
+    from vllm_longspec.attention.backend import ENABLE_ENV, register_attention_backend
+
+    os.environ[ENABLE_ENV] = "1"
+    register_attention_backend(force=True)
 
 
 def apply() -> None:

@@ -34,6 +34,17 @@ class BatchSampling:
     def batch_size(self) -> int:
         return self.temperature.shape[0]
 
+    def select(self, rows: list[int]) -> BatchSampling:
+        """The settings of ``rows``, in that order; generators follow their rows."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.temperature.device)
+        renumber = {row: i for i, row in enumerate(rows)}
+        return BatchSampling(
+            self.temperature[index],
+            None if self.top_k is None else self.top_k[index],
+            None if self.top_p is None else self.top_p[index],
+            {renumber[row]: gen for row, gen in self.generators.items() if row in renumber},
+        )
+
     @property
     def is_greedy(self) -> torch.Tensor:
         """[B] bool."""
