@@ -1,4 +1,4 @@
-"""LongSpec drafting inside vLLM's V1 model runner (chain of K tokens per step).
+"""LongSpec drafting inside vLLM's V1 model runner (a chain or a tree per step).
 
 ``LongSpecProposer`` is vLLM's ``DraftModelProposer`` (a token-input draft model
 with its own KV cache) with three LongSpec specifics:
@@ -33,6 +33,13 @@ position. Hence:
 - preemption: vLLM frees the request's blocks in every group, the draft's
   included, and recomputes the request like a new prefill, which refills the
   window.
+
+Trees (``"tree"`` in the config, ``vllm_longspec.tree_runner``): the first pass
+is the chain's (vLLM's, with one draft token), and the root's logits it ends
+with grow the round's dynamic beam trees, one draft forward per level
+(``TreeDrafter``); tree nodes are never written to the window. After
+verification the runner's buffers hold the accepted path as if it had been a
+chain (``tree_runner.layout``), so the argument above holds unchanged.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm_longspec.model.draft import CrossAttentionInputs
 from vllm_longspec.model.paged_attention import split_kv_cache
 from vllm_longspec.testing import DraftRecorder, TestProposer
+from vllm_longspec.tree_runner.drafter import TreeDrafter
+from vllm_longspec.tree_runner.rounds import TreeRounds
+from vllm_longspec.tree_runner.sampling import batch_sampling
 
 logger = init_logger(__name__)
 
@@ -63,6 +73,15 @@ class LongSpecProposer(DraftModelProposer):
         self.target_kv_cache_gid = -1
         self.test_proposer = TestProposer.from_env()
         self.recorder = DraftRecorder.from_env()
+        longspec = getattr(self.draft_model_config.hf_config, "longspec", None) or {}
+        self.tree_widths: tuple[int, ...] | None = (
+            tuple(longspec["tree"]) if longspec.get("tree") else None)
+        # Tree mode: the trees between drafting and verification (shared with
+        # the runner's patches and sampler), the drafter of the levels, and the
+        # first pass's hidden states at the roots while it runs.
+        self.tree_rounds = TreeRounds() if self.tree_widths else None
+        self.tree_drafter: TreeDrafter | None = None
+        self._root_hidden_states: list[torch.Tensor] | None = None
 
     # ---- loading -------------------------------------------------------------
 
@@ -74,6 +93,26 @@ class LongSpecProposer(DraftModelProposer):
                 "The LongSpec draft must register exactly one KV-cached attention "
                 f"layer, found {sorted(self._draft_attn_layer_names)}."
             )
+        if self.tree_widths is not None:
+            self._check_tree_support()
+            layers = self.vllm_config.compilation_config.static_forward_context
+            self.tree_drafter = TreeDrafter(
+                self.model, self.tree_widths,
+                layers[next(iter(self._draft_attn_layer_names))])
+
+    def _check_tree_support(self) -> None:
+        layers = self.vllm_config.compilation_config.static_forward_context
+        windowed = sorted(
+            name for name, layer in layers.items()
+            if isinstance(layer, Attention) and name not in self._draft_attn_layer_names
+            and layer.sliding_window is not None)
+        if windowed:
+            raise LongSpecError(
+                f"LongSpec key 'tree' does not support targets with sliding-window "
+                f"attention layers ({windowed[0]}, ...): tree verification has no "
+                "windowed kernel. Leave 'tree' out to draft chains.")
+        if self.runner.uses_mrope:
+            raise LongSpecError("LongSpec key 'tree' does not support M-RoPE targets.")
 
     def _last_target_attention_layer(self) -> str:
         layers = self.vllm_config.compilation_config.static_forward_context
@@ -107,6 +146,13 @@ class LongSpecProposer(DraftModelProposer):
             raise LongSpecError(
                 f"Target layer {self.target_layer_name!r} has no KV cache group."
             )
+        if self.tree_rounds is not None:
+            layers = self.vllm_config.compilation_config.static_forward_context
+            self.tree_rounds.set_target_kv_groups([
+                (gid, [name for name in group.layer_names
+                       if isinstance(layers.get(name), Attention)])
+                for gid, group in enumerate(kv_cache_config.kv_cache_groups)
+                if gid != self.kv_cache_gid])
 
     # ---- drafting ------------------------------------------------------------
 
@@ -153,6 +199,15 @@ class LongSpecProposer(DraftModelProposer):
                 cad.block_table_tensor.shape[0]
             )
         )
+        if self.tree_drafter is not None:
+            return self._propose_trees(
+                inputs, draft_block_table.get_device_tensor(cad.num_reqs),
+                sampling_metadata, target_token_ids, target_positions,
+                target_hidden_states, next_token_ids, token_indices_to_sample, cad,
+                mm_embed_inputs=mm_embed_inputs,
+                num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+                slot_mappings=slot_mappings,
+            )
         self.model.cross_attention_inputs = inputs
         recording = self.recorder is not None and self.recorder.active
         captured = self.recorder.capture(self.model) if recording else None
@@ -183,6 +238,40 @@ class LongSpecProposer(DraftModelProposer):
             )
             self._last_draft_probs = None
         return draft_token_ids
+
+    def _propose_trees(self, inputs: CrossAttentionInputs, window_block_table,
+                       sampling_metadata, *first_pass_args, **first_pass_kwargs
+                       ) -> torch.Tensor:
+        """[num_reqs, num_nodes] the round's trees, nodes in level order."""
+        self.model.cross_attention_inputs = inputs
+        self._root_hidden_states = []
+        try:
+            # vLLM's first pass with one draft token: its sampling step hands
+            # the roots' hidden states over (``_sample_draft_tokens``).
+            super().propose(1, *first_pass_args, sampling_metadata=sampling_metadata,
+                            **first_pass_kwargs)
+            (root_hidden,) = self._root_hidden_states
+        finally:
+            self.model.cross_attention_inputs = None
+            self._root_hidden_states = None
+        num_reqs = inputs.committed_lens.shape[0]
+        beam = self.tree_drafter.draft(
+            self.model.compute_logits(root_hidden), inputs, window_block_table,
+            batch_sampling(sampling_metadata, num_reqs))
+        if self.test_proposer is not None:
+            beam = self.test_proposer.override_tree(beam, self.runner,
+                                                    inputs.committed_lens)
+        self.tree_rounds.propose(self.runner.input_batch.req_ids[:num_reqs], beam)
+        self._last_draft_probs = None  # tree rows are verified with the tree's own
+        return beam.tree.tokens
+
+    def _sample_draft_tokens(self, hidden_states, sampling_metadata):
+        if self._root_hidden_states is None:
+            return super()._sample_draft_tokens(hidden_states, sampling_metadata)
+        self._root_hidden_states.append(hidden_states)
+        placeholder = torch.zeros(hidden_states.shape[0], dtype=torch.long,
+                                  device=hidden_states.device)
+        return placeholder, None
 
     def set_inputs_first_pass(self, *args, **kwargs):
         num_tokens, token_indices_to_sample, cad = super().set_inputs_first_pass(

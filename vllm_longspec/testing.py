@@ -14,6 +14,14 @@ index that is a multiple of m is replaced by a different token, forcing a
 rejection at a varying position in the chain. Proposals are deterministic
 (no draft probabilities), which vLLM's rejection sampler treats losslessly.
 The variable is read in the worker process; production never sets it.
+
+Trees (``override_tree``): the recorded continuation is put on one branch of
+the drafted beam tree, keeping its shape: at each depth on a child of the
+previous choice (one with children of its own, varying with the output index,
+so accepted paths leave the first branch), until the tree ends or, with
+``corrupt_every = m``, at an output index that is a multiple of m, where no
+child gets it. No other child ever carries the recorded token, so each round
+accepts exactly the chosen path. Greedy requests only.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ import json
 import os
 
 import torch
+
+from vllm_longspec.tree import BeamTree
 
 ENV_VAR = "VLLM_LONGSPEC_TEST_PROPOSER"
 
@@ -74,6 +84,41 @@ class TestProposer:
                     token = (token + 1) % vocab_size
                 drafts[i, k] = token
         return drafts
+
+    def override_tree(
+        self,
+        beam: BeamTree,
+        runner,
+        committed_lens: torch.Tensor,  # [num_reqs] position of each root
+    ) -> BeamTree:
+        tree = beam.tree
+        tokens = tree.tokens.clone()
+        children = tree.children  # [B, N + 1, C] by slot, -1 padded
+        vocab_size = runner.input_batch.vocab_size
+        for i, req_id in enumerate(runner.input_batch.req_ids[: tree.batch_size]):
+            state = runner.requests[req_id]
+            outputs = self.recorded.get(tuple(state.prompt_token_ids))
+            if outputs is None:
+                continue
+            # The root is output number `root`; depth d holds output root + d.
+            root = int(committed_lens[i]) - len(state.prompt_token_ids)
+            slot = 0
+            for index in range(root + 1, len(outputs)):
+                kids = [c for c in children[i, slot].tolist() if c >= 0]
+                if index < 0 or not kids:
+                    break
+                token = outputs[index]
+                for kid in kids:
+                    if tokens[i, kid] == token:
+                        tokens[i, kid] = (token + 1) % vocab_size
+                if self.corrupt_every and index % self.corrupt_every == 0:
+                    break
+                parents = [k for k in kids if bool((children[i, k + 1] >= 0).any())]
+                branches = parents or kids
+                chosen = branches[index % len(branches)]
+                tokens[i, chosen] = token
+                slot = chosen + 1
+        return dataclasses.replace(beam, tree=dataclasses.replace(tree, tokens=tokens))
 
 
 RECORD_ENV_VAR = "VLLM_LONGSPEC_RECORD_DRAFTS"

@@ -42,3 +42,34 @@ def test_replay_and_corrupt(tmp_path, monkeypatch):
 def test_off_without_env(monkeypatch):
     monkeypatch.delenv(ENV_VAR, raising=False)
     assert TestProposer.from_env() is None
+
+
+def test_replay_on_a_tree_branch(tmp_path, monkeypatch):
+    from vllm_longspec.tree import BeamTree, DraftTree
+
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps({"sequences": [
+        {"prompt_token_ids": [5, 6, 7], "output_token_ids": [10, 11, 12, 13, 14, 15]}]}))
+    monkeypatch.setenv(ENV_VAR, json.dumps({"replay": str(path)}))
+    # Root at output #1 (11): depths 1, 2, 3 should get outputs #2, #3, #4.
+    # Level 1: nodes 0, 1 (children of the root); level 2: nodes 2, 3 under
+    # node 1 and node 4 under node 0; level 3: node 5 under node 3.
+    parents = torch.tensor([[-1, -1, 1, 1, 0, 3]])
+    tokens = torch.tensor([[12, 500, 501, 13, 502, 503]])  # 12 and 13 drafted already
+    beam = BeamTree(DraftTree.from_parents(tokens, parents), torch.zeros(1, 6), None)
+    got = TestProposer.from_env().override_tree(beam, _runner([5, 6, 7]),
+                                                torch.tensor([4])).tree.tokens
+    # depth 1 (#2 = 12): both level-1 nodes have children; index 2 picks node 0.
+    # depth 2 (#3 = 13): node 0's only child, node 4, a leaf (node 3 is on
+    # another branch and may keep 13).
+    assert got.tolist() == [[12, 500, 501, 13, 13, 503]]
+    # One output later the path takes the second branch: nodes 1, 3, 5.
+    got = TestProposer.from_env().override_tree(beam, _runner([5, 6, 7]),
+                                                torch.tensor([5])).tree.tokens
+    assert got.tolist() == [[12, 13, 501, 14, 502, 15]]
+
+    monkeypatch.setenv(ENV_VAR, json.dumps({"replay": str(path), "corrupt_every": 2}))
+    got = TestProposer.from_env().override_tree(beam, _runner([5, 6, 7]),
+                                                torch.tensor([4])).tree.tokens
+    # output #2 is corrupted: no child of the root carries 12 any more.
+    assert got.tolist() == [[13, 500, 501, 13, 502, 503]]

@@ -5,9 +5,16 @@ the original as ``_orig_<name>`` and calls it for everything that is not
 LongSpec, so vLLM behaves exactly as before unless LongSpec is requested.
 """
 
-from vllm_longspec.patches import cpu_expand_kernel, engine_args, model_runner
+from vllm_longspec.patches import (
+    attention_metadata,
+    cpu_expand_kernel,
+    engine_args,
+    model_runner,
+    prepare_inputs,
+)
 
-PATCHES = (engine_args, model_runner, cpu_expand_kernel)
+PATCHES = (engine_args, model_runner, prepare_inputs, attention_metadata,
+           cpu_expand_kernel)
 
 
 def apply_all() -> None:

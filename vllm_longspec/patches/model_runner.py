@@ -3,11 +3,16 @@
 Target: the V1 model runner's constructor (``CPUModelRunner`` inherits it).
 Why: for method "draft_model" the runner builds a plain ``DraftModelProposer``;
     a LongSpec draft needs ``LongSpecProposer`` (shared embedding and LM head,
-    cross-attention into the target cache, its own KV cache group).
+    cross-attention into the target cache, its own KV cache group). Tree mode
+    also needs tree verification, which vLLM's ``RejectionSampler`` lacks.
 How: run the original constructor, then, only when the draft is a LongSpec
     draft, replace ``self.drafter``. ``LongSpecProposer`` subclasses
     ``DraftModelProposer``, so every ``isinstance`` dispatch in the runner still
-    takes the draft-model branches. Nothing has been loaded at that point.
+    takes the draft-model branches. Nothing has been loaded at that point. In
+    tree mode, wrap ``self.rejection_sampler`` in ``TreeRejectionSampler``
+    (vLLM's sampler still serves every step without trees) and expose the
+    proposer's ``TreeRounds`` as ``self.longspec_tree_rounds`` for the other
+    runner patches.
 When it can go: when vLLM lets plugins provide a proposer for a draft model.
 """
 
@@ -16,6 +21,11 @@ from __future__ import annotations
 import functools
 
 _orig___init__ = None
+
+
+def tree_rounds_of(runner):
+    """The runner's ``TreeRounds`` in LongSpec tree mode, else None."""
+    return getattr(runner, "longspec_tree_rounds", None)
 
 
 def is_longspec_speculation(vllm_config) -> bool:
@@ -42,5 +52,11 @@ def apply() -> None:
             from vllm_longspec.proposer import LongSpecProposer
 
             self.drafter = LongSpecProposer(self.vllm_config, self.device, self)
+            if self.drafter.tree_rounds is not None:
+                from vllm_longspec.tree_runner.sampler import TreeRejectionSampler
+
+                self.longspec_tree_rounds = self.drafter.tree_rounds
+                self.rejection_sampler = TreeRejectionSampler(
+                    self.rejection_sampler, self, self.drafter.tree_rounds)
 
     GPUModelRunner.__init__ = __init__
