@@ -3,9 +3,9 @@
     python -m vllm_longspec.demo [--draft DIR] [--max-tokens N] [--dtype float32]
 
 Runs the default target (SmolLM2-135M-Instruct) twice on the same long prompt
-(a real Python standard-library module plus a question about it), once plainly
-and once with LongSpec, each in its own process; streams the LongSpec answer;
-then prints decode tokens/s of both (prefill excluded), the mean accepted
+(a real Python standard-library module the draft was not trained on, plus a
+question about it), once plainly and once with LongSpec, each in its own
+process; streams the LongSpec answer; then prints decode tokens/s of both (prefill excluded), the mean accepted
 length, and whether the two answers are token-identical. The default dtype is
 float32, where greedy speculative decoding must be exact (in bfloat16 verifying
 several tokens at once rounds differently and flips near-ties; see README).
@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 SHIPPED_DRAFT = Path(__file__).parent / "drafts" / "smollm2-135m-instruct"
-DOCUMENT_MODULE = "argparse"
+# A benchmark document (benchmarks/sources.txt): the shipped draft never saw it.
+DOCUMENT_MODULE = "logging"
 QUESTION = "\n\nExplain what the Python module above does and how its main classes fit together."
 
 
