@@ -39,6 +39,19 @@ PINNED_EXACTLY = [
      ["self", "target_language_model"]),
     ("vllm.v1.spec_decode.draft_model", "DraftModelProposer._maybe_share_lm_head",
      ["self", "target_language_model"]),
+    ("vllm.v1.spec_decode.llm_base_proposer", "SpecDecodeBaseProposer._sample_draft_tokens",
+     ["self", "hidden_states", "sampling_metadata"]),
+    # Tree mode (vllm_longspec/tree_runner, patches/prepare_inputs.py,
+    # patches/attention_metadata.py, patches/model_runner.py).
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs",
+     ["self", "scheduler_output", "num_scheduled_tokens"]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._build_attention_metadata",
+     ["self", "num_tokens", "num_reqs", "max_query_len", "num_tokens_padded",
+      "num_reqs_padded", "ubatch_slices", "logits_indices", "max_num_sampled_tokens",
+      "use_spec_decode", "for_cudagraph_capture", "num_scheduled_tokens",
+      "slot_mappings"]),
+    ("vllm.v1.sample.rejection_sampler", "RejectionSampler.forward",
+     ["self", "metadata", "draft_probs", "logits", "sampling_metadata"]),
     # Hybrid tree attention backend (vllm_longspec/attention/backend.py).
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder.build",
      ["self", "common_prefix_len", "common_attn_metadata", "fast_build"]),
@@ -124,6 +137,33 @@ SOURCE_FACTS = [
     ("vllm.v1.sample.rejection_sampler", "expand_batch_to_tokens", ["_expand("]),
     ("vllm.platforms.cpu", "CpuPlatform.register_triton_kernel_overrides",
      ['"vllm.v1.sample.rejection_sampler.expand_kernel"']),
+    # Tree mode: the first pass with one draft token samples once, through
+    # _sample_draft_tokens, which the proposer intercepts for the roots.
+    ("vllm.v1.spec_decode.llm_base_proposer", "SpecDecodeBaseProposer.propose",
+     ["if self.num_speculative_tokens == 1 or self.parallel_drafting:",
+      "self._sample_draft_tokens(\n                sample_hidden_states, sampling_metadata"]),
+    # Slot mappings come from the chain positions before _prepare_inputs
+    # returns (tree nodes keep distinct slots), the tree positions are read
+    # after it, and the rejection sampler is called with vLLM's layout.
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs",
+     ["self.input_batch.block_table.compute_slot_mapping(", "self.positions[",
+      "spec_decode_metadata = self._calc_spec_decode_metadata("]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model",
+     ["self._prepare_inputs(scheduler_output", "self._build_attention_metadata(",
+      "self._preprocess("]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._sample",
+     ["self.rejection_sampler(\n            spec_decode_metadata,\n            draft_probs,"
+      "\n            logits,\n            sampling_metadata,"]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens",
+     ["self._sample(logits, spec_decode_metadata)", "propose_draft_token_ids("]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._get_slot_mappings",
+     ["blk_table.slot_mapping.gpu[:num_tokens_padded]"]),
+    ("vllm.v1.sample.rejection_sampler", "RejectionSampler.parse_output",
+     ["output_token_ids_np != PLACEHOLDER_TOKEN_ID"]),
+    # The scheduler counts accepted drafts as the sampled tokens but one.
+    ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output",
+     ["num_accepted = max(len(generated_token_ids) - num_sampled, 0)",
+      "request.num_computed_tokens -= num_rejected"]),
     # Plugins are loaded before the speculative config is built.
     ("vllm.engine.arg_utils", "EngineArgs.__post_init__", ["load_general_plugins()"]),
     ("vllm.engine.arg_utils", "EngineArgs.create_engine_config",
@@ -187,6 +227,24 @@ def test_config_fields_we_read_and_write():
             "seq_lens", "block_table", "slot_mapping", "scheduler_metadata", "causal",
             "num_decode_tokens"} <= set(CPUAttentionMetadata.__dataclass_fields__)
     assert AttentionBackendEnum.CPU_ATTN.name == "CPU_ATTN"
+
+
+def test_tree_mode_reads_and_returns_these():
+    from vllm.v1.outputs import SamplerOutput
+    from vllm.v1.sample import rejection_sampler
+    from vllm.v1.sample.metadata import SamplingMetadata
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    from vllm_longspec.tree_runner import verification
+
+    assert rejection_sampler.PLACEHOLDER_TOKEN_ID == verification.PLACEHOLDER_TOKEN_ID
+    assert {"sampled_token_ids", "logprobs_tensors"} <= set(
+        SamplerOutput.__dataclass_fields__)
+    assert {"num_draft_tokens", "draft_token_ids"} <= set(
+        SpecDecodeMetadata.__dataclass_fields__)
+    assert {"temperature", "all_greedy", "top_k", "top_p", "generators",
+            "max_num_logprobs", "no_penalties", "bad_words_token_ids",
+            "allowed_token_ids_mask"} <= set(SamplingMetadata.__dataclass_fields__)
 
 
 def test_plugin_group_name():

@@ -1,0 +1,99 @@
+"""Tree speculation is lossless inside a real engine (float32).
+
+Greedy: token-identical to plain vLLM decoding on the 8 long prompts (1.1k-7k
+tokens, chunked prefill), batched and one at a time, for two tree shapes. The
+random draft drafts real beam trees every round (its window, its levels, the
+hybrid tree attention of the target, the verification), but is almost never
+right; the replaying test proposer (``vllm_longspec.testing``) then puts the
+recorded continuation on one branch of each tree, a non-first one whenever the
+tree allows, cut at varying depths: multi-token acceptance along arbitrary
+branches, K/V of accepted paths moved in every layer, and rejections at every
+depth.
+
+Sampled: the second token's distribution (the first one emitted by tree
+verification) matches the target's exact marginal, as in
+``test_lossless_sampling.py``.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import MAX_TOKENS, run_engine_job
+from .distribution import (
+    PROMPT,
+    TEMPERATURE,
+    assert_follows,
+    exact_second_token_distribution,
+)
+from .test_lossless_greedy import _assert_identical
+
+pytestmark = pytest.mark.e2e
+
+TREES = {"narrow": [2, 2, 2], "wide": [4, 4, 4, 4]}
+CORRUPT_EVERY = 5  # the replayed path ends at every output index multiple of 5
+
+
+def _longspec(draft_dir, tree):
+    return {"method": "longspec", "model": str(draft_dir), "tree": tree}
+
+
+@pytest.mark.parametrize("shape", TREES)
+def test_greedy_replayed_branches_batched_and_single(
+        tmp_path, target_dir, random_draft_dir, long_prompts, plain_outputs,
+        recorded_continuations, shape):
+    tree = TREES[shape]
+    marker = tmp_path / "hybrid-used"
+    result = run_engine_job(tmp_path, {
+        "model": str(target_dir), "prompts": long_prompts, "max_tokens": MAX_TOKENS,
+        "speculative_config": _longspec(random_draft_dir, tree),
+        "env": {"VLLM_LONGSPEC_HYBRID_USED_MARKER": str(marker),
+                "VLLM_LONGSPEC_TEST_PROPOSER": json.dumps(
+                    {"replay": str(recorded_continuations),
+                     "corrupt_every": CORRUPT_EVERY})},
+        "phases": [{"name": "batch", "mode": "batch"},
+                   {"name": "single", "mode": "single"}],
+    })
+    for name in ("batch", "single"):
+        phase = result["phases"][name]
+        _assert_identical(phase["token_ids"], plain_outputs)
+        counters = phase["counters"]
+        drafts = counters["vllm:spec_decode_num_drafts"]
+        accepted = counters["vllm:spec_decode_num_accepted_tokens"]
+        per_depth = counters["vllm:spec_decode_num_accepted_tokens_per_pos"]
+        # One draft per tree node; a round accepts at most one node per depth.
+        assert counters["vllm:spec_decode_num_draft_tokens"] == drafts * sum(tree)
+        assert all(per_depth[d] > 0 for d in range(len(tree)))
+        assert not any(per_depth[len(tree):])
+        print(json.dumps({"tree": tree, "phase": name,
+                          "mean_accepted_length": 1 + accepted / drafts}))
+        assert 1 + accepted / drafts > 2.0
+    assert marker.exists(), "the hybrid tree attention never ran"
+    # The second pass over the same prompts is served from the prefix cache.
+    assert result["phases"]["single"]["counters"]["vllm:prefix_cache_hits"] > sum(
+        map(len, long_prompts)) // 2
+
+
+NUM_SAMPLES = 1500
+
+
+def test_sampled_second_token_follows_target_distribution(
+        tmp_path, target_dir, tokenizer, random_draft_dir):
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    exact, first_tokens, covered = exact_second_token_distribution(target_dir,
+                                                                   prompt_ids)
+    assert covered > 0.6, "enumerated first tokens must carry most of the mass"
+
+    result = run_engine_job(tmp_path, {
+        "model": str(target_dir), "max_tokens": 2, "max_num_seqs": 128,
+        "max_model_len": 512,
+        "speculative_config": _longspec(random_draft_dir, [3, 2]),
+        "phases": [{"name": "s", "mode": "seeded", "prompt": prompt_ids,
+                    "num_samples": NUM_SAMPLES, "temperature": TEMPERATURE,
+                    "max_tokens": 2}],
+    })
+    phase = result["phases"]["s"]
+    assert phase["counters"]["vllm:spec_decode_num_draft_tokens"] > 0
+    assert_follows(phase["token_ids"], exact, first_tokens, NUM_SAMPLES)
