@@ -1,0 +1,54 @@
+"""KV-cache memory one request holds while it decodes: the target's and the draft's.
+
+Runs inside a worker whose engine core lives in the same process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so that the scheduler's block lists
+can be read after every step; the idea and the caveats are those of
+``tests/e2e/test_draft_memory.py``. For each prompt (one per context length)
+one request decodes alone; after every decode step the blocks it holds in
+each KV-cache group are counted and multiplied by the group's page size. The
+draft's groups are the ones whose layers belong to the draft model. The first
+decode sample (still holding the last prefill chunk's blocks) and the last
+(taken after the request finished) are left out; the median of the rest is
+reported.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+
+def _kv_bytes_by_group(scheduler) -> dict[str, int]:
+    groups = scheduler.kv_cache_config.kv_cache_groups
+    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    held = {}
+    for group, manager in zip(groups, managers, strict=True):
+        blocks = sum(1 for request_blocks in manager.req_to_blocks.values()
+                     for block in request_blocks if not block.is_null)
+        held[",".join(group.layer_names)] = blocks * group.kv_cache_spec.page_size_bytes
+    return held
+
+
+def probe_request(llm, prompt_token_ids: list[int], max_tokens: int) -> dict[str, Any]:
+    """Median KV bytes held by one decoding request, target and draft apart."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = llm.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    engine.add_request("kv-probe", TokensPrompt(prompt_token_ids=prompt_token_ids),
+                       SamplingParams(temperature=0.0, max_tokens=max_tokens,
+                                      ignore_eos=True))
+    samples = []
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        if any(output.outputs[0].token_ids for output in outputs):
+            samples.append(_kv_bytes_by_group(scheduler))
+    steady = samples[1:-1] or samples
+    draft = [sum(v for name, v in s.items() if "draft_model" in name) for s in steady]
+    target = [sum(v for name, v in s.items() if "draft_model" not in name)
+              for s in steady]
+    return {"num_prompt_tokens": len(prompt_token_ids),
+            "target_kv_bytes": int(statistics.median(target)),
+            "draft_kv_bytes": int(statistics.median(draft)),
+            "decode_samples": len(steady)}
