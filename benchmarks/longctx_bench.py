@@ -46,10 +46,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.longctx import report
-from benchmarks.longctx.jobs import Buckets, load_cached, plan, run_pending
+from benchmarks.longctx.jobs import (
+    Buckets,
+    load_cached,
+    method_options,
+    plan,
+    run_pending,
+)
 from benchmarks.longctx.kv_probe import draft_memory_payload, load_draft_memory
 from benchmarks.longctx.machine import REPOSITORY, describe_machine, describe_software
-from benchmarks.longctx.methods import BASELINE, METHODS, MethodOptions
+from benchmarks.longctx.methods import BASELINE, DEFAULT_TREE, METHODS
 from benchmarks.longctx.plan import CellKey, EngineSettings, Setting, directory_sha256
 from benchmarks.longctx.prompt_file import (
     BUCKET_TOKENS,
@@ -109,6 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"untrained one (default: {SHIPPED_DRAFT.relative_to(REPOSITORY)} "
                         "if present)")
     parser.add_argument("--k", type=int, default=4, help="LongSpec num_speculative_tokens")
+    parser.add_argument("--tree", type=int, nargs="+", default=list(DEFAULT_TREE),
+                        help="level widths of the longspec_tree method "
+                        f"(default {' '.join(map(str, DEFAULT_TREE))})")
     parser.add_argument("--model", help="target model directory (default: SmolLM2)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--draft-memory", action="store_true",
@@ -171,7 +180,7 @@ def describe_run(args: argparse.Namespace, argv: list[str] | None, start: float,
                  methods: list[str], unavailable: dict[str, str],
                  prompts: Buckets) -> dict[str, Any]:
     """Everything results.json says about how its numbers were obtained."""
-    options = MethodOptions(draft["path"] if draft else None, args.k)
+    options = method_options(args, draft)
     return {
         "suite": "longctx", "prompt_set": PROMPT_SET,
         "prompt_file_sha256": file_sha256(PROMPT_FILE),
@@ -180,6 +189,7 @@ def describe_run(args: argparse.Namespace, argv: list[str] | None, start: float,
         "suite_wall_s": time.perf_counter() - start,
         "machine": describe_machine(), "software": describe_software(),
         "engine": asdict(engine), "draft": draft, "num_speculative_tokens": args.k,
+        "tree": args.tree,
         "methods": {m: {"summary": METHODS[m].summary,
                         "speculative_config": (None if m in unavailable
                                                else METHODS[m].config(options)),
@@ -219,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     prompts = select_prompts(args)
     draft = resolve_draft(args, model)
-    options = MethodOptions(draft["path"] if draft else None, args.k)
+    options = method_options(args, draft)
     methods = [BASELINE] + [m for m in args.methods if m != BASELINE]
     unavailable = {m: reason for m in methods
                    if (reason := METHODS[m].unavailable(options))}

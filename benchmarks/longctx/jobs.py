@@ -36,6 +36,11 @@ from benchmarks.longctx.worker import PROGRESS_PREFIX
 Buckets = dict[tuple[str, str], list[PromptRecord]]  # (task, length) -> prompts
 
 
+def method_options(args: argparse.Namespace, draft: dict[str, Any] | None
+                   ) -> MethodOptions:
+    return MethodOptions(draft["path"] if draft else None, args.k, tuple(args.tree))
+
+
 @dataclass(frozen=True)
 class Job:
     """One engine process: a method under a setting, and the cells it must run."""
@@ -53,7 +58,7 @@ class Job:
 def plan(args: argparse.Namespace, engine: EngineSettings,
          prompts: Buckets, methods: list[str],
          draft: dict[str, Any] | None, vllm_version: str | None) -> list[Job]:
-    options = MethodOptions(draft["path"] if draft else None, args.k)
+    options = method_options(args, draft)
     jobs = []
     for sampling in args.samplings:
         setting = Setting(sampling, args.dtype)

@@ -181,7 +181,9 @@ def markdown(header: dict[str, Any], rows: list[Row]) -> str:
                 lines.append(f"{prefix} {row.status} | | | | | | |")
                 continue
             m = row.metrics
-            by_position = " ".join(f"{a:.2f}" for a in m["acceptance_by_position"])
+            depth = _draft_depth(header["methods"][row.method]["speculative_config"])
+            by_position = " ".join(f"{a:.2f}"
+                                   for a in m["acceptance_by_position"][:depth])
             lines.append(
                 f"{prefix} {_number(m['decode_tokens_per_s'], 1)} | "
                 f"{_number(row.speedup)} | {_number(m['tokens_per_step'])} | "
@@ -204,6 +206,12 @@ def _draft_memory_table(by_context: dict[str, dict[str, Any]]) -> list[str]:
                      f"{probe['target_kv_bytes'] / 2**20:.1f} | "
                      f"{probe['draft_kv_bytes'] / 2**20:.2f} |")
     return lines + [""]
+
+
+def _draft_depth(config: dict[str, Any] | None) -> int | None:
+    """Positions worth showing: a tree's depth (vLLM sizes the per-position
+    counter by its node count, but counts accepted tokens per depth)."""
+    return len(config["tree"]) if config and "tree" in config else None
 
 
 def plot(rows: list[Row], out_dir: Path) -> list[Path]:

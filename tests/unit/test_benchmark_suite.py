@@ -212,3 +212,4 @@ def test_methods_report_why_they_cannot_run():
     assert METHODS["longspec"].config(with_draft) == {
         "method": "longspec", "model": "/some/draft", "num_speculative_tokens": 3}
     assert METHODS["plain"].config(with_draft) is None
+    assert METHODS["longspec_tree"].config(with_draft)["tree"] == [4, 4, 4, 4]
