@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from vllm_longspec.tree import BatchSampling
@@ -84,3 +85,23 @@ def test_rounds_match_scheduled_drafts_with_trees():
     assert rounds.end_step() is step and rounds.step is None
     # Trees are verified in the next step or never.
     assert rounds.begin_step({"a": [3, 4]}, {"a": 0}) is None
+
+
+def test_requests_with_unsupported_settings_are_refused():
+    from vllm import SamplingParams
+
+    from vllm_longspec.tree_runner.sampling import (
+        UnsupportedTreeSamplingError,
+        check_request_supported,
+    )
+
+    check_request_supported("ok", SamplingParams(temperature=0.7, top_k=5, top_p=0.9,
+                                                 seed=3, max_tokens=9))
+    check_request_supported("pooling", None)
+    for settings, name in (({"logprobs": 2}, "logprobs"),
+                           ({"repetition_penalty": 1.1}, "repetition_penalty"),
+                           ({"min_p": 0.1}, "min_p"),
+                           ({"min_tokens": 4}, "min_tokens"),
+                           ({"logit_bias": {3: 1.0}}, "logit_bias")):
+        with pytest.raises(UnsupportedTreeSamplingError, match=f"'r' sets {name}"):
+            check_request_supported("r", SamplingParams(**settings))

@@ -242,9 +242,19 @@ def test_tree_mode_reads_and_returns_these():
         SamplerOutput.__dataclass_fields__)
     assert {"num_draft_tokens", "draft_token_ids"} <= set(
         SpecDecodeMetadata.__dataclass_fields__)
-    assert {"temperature", "all_greedy", "top_k", "top_p", "generators",
-            "max_num_logprobs", "no_penalties", "bad_words_token_ids",
-            "allowed_token_ids_mask"} <= set(SamplingMetadata.__dataclass_fields__)
+    assert {"temperature", "all_greedy", "top_k", "top_p", "generators"} <= set(
+        SamplingMetadata.__dataclass_fields__)
+
+    from vllm import SamplingParams
+    from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+
+    from vllm_longspec.tree_runner.sampling import UNSUPPORTED_SETTINGS
+
+    params = SamplingParams()
+    assert all(hasattr(params, name) for name in UNSUPPORTED_SETTINGS)
+    assert {"req_id", "sampling_params"} <= set(NewRequestData.__dataclass_fields__)
+    assert {"scheduled_new_reqs", "scheduled_spec_decode_tokens"} <= set(
+        SchedulerOutput.__dataclass_fields__)
 
 
 def test_plugin_group_name():

@@ -4,10 +4,11 @@ Target: the runner's per-step input preparation (token ids, positions, slot
     mappings, spec-decode metadata), inherited by ``CPUModelRunner``.
 Why: in LongSpec tree mode the drafts of a row are tree nodes, which must be
     rotated at root + depth, not at the chain positions vLLM gives them.
-How: run the original, then let ``TreeRounds.begin_step`` match the scheduled
-    drafts with last step's trees and overwrite the positions of the tree rows'
-    nodes. Slot mappings were computed from the chain positions before, so the
-    nodes keep distinct cache slots. Without tree mode: the original alone.
+How: refuse new requests with sampling settings tree mode lacks, run the
+    original, then let ``TreeRounds.begin_step`` match the scheduled drafts
+    with last step's trees and overwrite the positions of the tree rows' nodes.
+    Slot mappings were computed from the chain positions before, so the nodes
+    keep distinct cache slots. Without tree mode: the original alone.
 When it can go: when vLLM verifies speculative trees itself.
 """
 
@@ -30,16 +31,19 @@ def apply() -> None:
 
     @functools.wraps(_orig__prepare_inputs)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        result = _orig__prepare_inputs(self, scheduler_output, num_scheduled_tokens)
         rounds = tree_rounds_of(self)
-        if rounds is not None:
-            from vllm_longspec.tree_runner.layout import place_nodes_at_depths
+        if rounds is None:
+            return _orig__prepare_inputs(self, scheduler_output, num_scheduled_tokens)
+        from vllm_longspec.tree_runner.layout import place_nodes_at_depths
+        from vllm_longspec.tree_runner.sampling import check_request_supported
 
-            step = rounds.begin_step(scheduler_output.scheduled_spec_decode_tokens,
-                                     self.input_batch.req_id_to_index)
-            if step is not None:
-                place_nodes_at_depths(self.positions, self.query_start_loc.np,
-                                      step.trees)
+        for request in scheduler_output.scheduled_new_reqs:
+            check_request_supported(request.req_id, request.sampling_params)
+        result = _orig__prepare_inputs(self, scheduler_output, num_scheduled_tokens)
+        step = rounds.begin_step(scheduler_output.scheduled_spec_decode_tokens,
+                                 self.input_batch.req_id_to_index)
+        if step is not None:
+            place_nodes_at_depths(self.positions, self.query_start_loc.np, step.trees)
         return result
 
     GPUModelRunner._prepare_inputs = _prepare_inputs

@@ -1,10 +1,11 @@
-"""vLLM's per-batch sampling settings as the tree code's ``BatchSampling``.
+"""Sampling in tree mode: vLLM's settings as ``BatchSampling``, and what is refused.
 
 Tree drafting and verification support what ``BatchSampling`` models:
 temperature, top-k, top-p and seeded generators. Settings whose meaning along a
-tree branch vLLM's chain code does not define (penalties and bad words depend
-on the tokens before each slot; logprobs are reported per chain position) are
-refused with a clear error the first time a batch carries them.
+tree branch vLLM's chain code does not give (penalties, bad words and minimum
+lengths depend on the tokens before each slot, grammars walk one sequence,
+logprobs are reported per chain position), or that vLLM applies outside the
+rejection sampler, are refused when a request carrying them arrives.
 """
 
 from __future__ import annotations
@@ -13,14 +14,43 @@ import torch
 
 from vllm_longspec.tree.sampling import BatchSampling
 
+# SamplingParams field -> its neutral value (None: any falsy value)
+UNSUPPORTED_SETTINGS = {
+    "logprobs": None,
+    "logprob_token_ids": None,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "bad_words": None,
+    "allowed_token_ids": None,
+    "logit_bias": None,
+    "min_p": 0.0,
+    "min_tokens": 0,
+    "structured_outputs": None,
+    "thinking_token_budget": None,
+    "watermarking": None,
+}
+
 
 class UnsupportedTreeSamplingError(NotImplementedError):
     """A request asked for a sampling setting that tree speculation lacks."""
 
 
+def check_request_supported(req_id: str, sampling_params) -> None:
+    """Raise for a request whose ``SamplingParams`` tree mode cannot honour."""
+    if sampling_params is None:
+        return
+    used = [name for name, neutral in UNSUPPORTED_SETTINGS.items()
+            if _is_set(getattr(sampling_params, name, neutral), neutral)]
+    if used:
+        raise UnsupportedTreeSamplingError(
+            f"Request {req_id!r} sets {', '.join(used)}, which LongSpec tree "
+            "speculation does not support yet; leave 'tree' out of "
+            "--speculative-config to draft chains.")
+
+
 def batch_sampling(sampling_metadata, num_reqs: int) -> BatchSampling:
     """The first ``num_reqs`` rows of vLLM's ``SamplingMetadata`` (runner order)."""
-    _check_supported(sampling_metadata)
     temperature = sampling_metadata.temperature
     if sampling_metadata.all_greedy or temperature is None:
         temperature = torch.zeros(num_reqs)
@@ -35,17 +65,5 @@ def batch_sampling(sampling_metadata, num_reqs: int) -> BatchSampling:
     )
 
 
-def _check_supported(sampling_metadata) -> None:
-    unsupported = []
-    if sampling_metadata.max_num_logprobs is not None:
-        unsupported.append("logprobs")
-    if not sampling_metadata.no_penalties:
-        unsupported.append("presence/frequency/repetition penalties")
-    if sampling_metadata.bad_words_token_ids:
-        unsupported.append("bad_words")
-    if sampling_metadata.allowed_token_ids_mask is not None:
-        unsupported.append("allowed_token_ids")
-    if unsupported:
-        raise UnsupportedTreeSamplingError(
-            "LongSpec tree speculation does not support " + ", ".join(unsupported)
-            + " yet; leave 'tree' out of --speculative-config to draft chains.")
+def _is_set(value, neutral) -> bool:
+    return bool(value) if neutral is None else value != neutral
