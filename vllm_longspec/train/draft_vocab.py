@@ -19,12 +19,14 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from vllm_longspec.model.checkpoint import DRAFT_VOCAB
+from vllm_longspec.train.exclusions import ExclusionSet
 
 
 def count_tokens(token_lists: Iterable[Iterable[int]], vocab_size: int) -> np.ndarray:
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jsonl", nargs="*", default=[],
                         help="self-distillation records (their output_token_ids count)")
     parser.add_argument("--text", nargs="*", default=[], help="text file globs to count")
+    parser.add_argument("--exclude-file", default="benchmarks/sources.txt",
+                        help="files never read (the benchmark documents)")
     parser.add_argument("--size", type=int, required=True)
     parser.add_argument("--target", help="target model directory (default: SmolLM2)")
     args = parser.parse_args(argv)
@@ -101,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target or str(default_target_path())
     tokenizer = AutoTokenizer.from_pretrained(target)
     vocab_size = json.loads((Path(target) / "config.json").read_text())["vocab_size"]
-    texts = (tokenizer(Path(f).read_text(errors="replace"))["input_ids"]
-             for pattern in args.text for f in sorted(glob.glob(pattern, recursive=True)))
+    exclusions = ExclusionSet.from_config([], args.exclude_file)
+    files = sorted({Path(f) for pattern in args.text
+                    for f in glob.glob(os.path.expanduser(pattern), recursive=True)
+                    if Path(f).is_file() and exclusions.allows(f)})
+    texts = (tokenizer(f.read_text(errors="replace"))["input_ids"] for f in files)
     counts = count_tokens(_jsonl_outputs(args.jsonl), vocab_size)
     counts += count_tokens(texts, vocab_size)
     ids = choose_draft_vocab(counts, args.size, tokenizer.all_special_ids)
