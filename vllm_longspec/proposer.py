@@ -113,6 +113,17 @@ class LongSpecProposer(DraftModelProposer):
                 "windowed kernel. Leave 'tree' out to draft chains.")
         if self.runner.uses_mrope:
             raise LongSpecError("LongSpec key 'tree' does not support M-RoPE targets.")
+        from vllm_longspec.attention.backend import HybridCPUAttentionImpl
+
+        stock = sorted(name for name, layer in layers.items()
+                       if isinstance(layer, Attention)
+                       and not isinstance(layer.impl, HybridCPUAttentionImpl))
+        if stock:
+            raise LongSpecError(
+                f"LongSpec key 'tree' needs the hybrid tree attention backend, but "
+                f"layer {stock[0]!r} uses {type(layers[stock[0]].impl).__name__}"
+                ": the backend override must be registered before the model is built "
+                "(VLLM_LONGSPEC_HYBRID_ATTENTION=1 in every vLLM process).")
 
     def _last_target_attention_layer(self) -> str:
         layers = self.vllm_config.compilation_config.static_forward_context
@@ -266,6 +277,8 @@ class LongSpecProposer(DraftModelProposer):
         return beam.tree.tokens
 
     def _sample_draft_tokens(self, hidden_states, sampling_metadata):
+        """Chains: vLLM's. Tree mode's first pass: keep the roots' hidden states
+        [num_reqs, hidden] (the trees grow from them) and sample nothing."""
         if self._root_hidden_states is None:
             return super()._sample_draft_tokens(hidden_states, sampling_metadata)
         self._root_hidden_states.append(hidden_states)

@@ -76,6 +76,32 @@ def test_greedy_replayed_branches_batched_and_single(
         map(len, long_prompts)) // 2
 
 
+def test_greedy_preemption(tmp_path, target_dir, random_draft_dir, long_prompts):
+    """A KV cache too small for the batch (as ``test_lossless_greedy``'s
+    preemption test): requests holding moved tree paths get preempted, their
+    blocks freed, and recomputed; replayed branches keep trees accepted."""
+    prompts = long_prompts[:4]
+    job = {"model": str(target_dir), "prompts": prompts, "max_tokens": 200,
+           "ignore_eos": True, "phases": [{"name": "batch", "mode": "batch"}]}
+    plain = run_engine_job(tmp_path / "plain", job)["phases"]["batch"]
+    replay = tmp_path / "recorded.json"
+    replay.write_text(json.dumps({"sequences": [
+        {"prompt_token_ids": p, "output_token_ids": o}
+        for p, o in zip(prompts, plain["token_ids"], strict=True)]}))
+
+    result = run_engine_job(tmp_path / "tree", {
+        **job, "kv_cache_memory_bytes": 400 << 20,
+        "engine_args": {"scheduler_reserve_full_isl": False},
+        "speculative_config": _longspec(random_draft_dir, TREES["narrow"]),
+        "env": {"VLLM_LONGSPEC_TEST_PROPOSER": json.dumps(
+            {"replay": str(replay), "corrupt_every": CORRUPT_EVERY})},
+    })
+    batch = result["phases"]["batch"]
+    assert batch["counters"]["vllm:num_preemptions"] > 0
+    _assert_identical(batch["token_ids"], plain["token_ids"])
+    assert batch["counters"]["vllm:spec_decode_num_accepted_tokens"] > 0
+
+
 NUM_SAMPLES = 1500
 
 
