@@ -9,6 +9,7 @@ exit code is non-zero.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,24 @@ def test_valid_config_becomes_a_longspec_draft_model(target_dir, random_draft_di
     assert spec.num_speculative_tokens == 4
     assert spec.draft_model_config.architectures == ["LongSpecForCausalLM"]
     assert spec.draft_model_config.hf_config.longspec["sliding_window"] == 64
+
+
+def test_tree_reserves_its_nodes_and_switches_tree_attention_on(
+        target_dir, random_draft_dir, monkeypatch):
+    from vllm_longspec.attention import backend
+
+    registered = []
+    monkeypatch.setattr(backend, "register_attention_backend",
+                        lambda force=False: registered.append(force))
+    monkeypatch.setenv(backend.ENABLE_ENV, "0")  # restored after the test
+    config = _engine_config(target_dir, {"method": "longspec",
+                                         "model": str(random_draft_dir),
+                                         "tree": [4, 4, 4]})
+    spec = config.speculative_config
+    assert spec.num_speculative_tokens == 12
+    assert spec.draft_model_config.hf_config.longspec["tree"] == [4, 4, 4]
+    assert registered == [True]
+    assert os.environ[backend.ENABLE_ENV] == "1"  # for the engine's processes
 
 
 def test_without_longspec_vllm_is_unchanged(target_dir):
