@@ -62,6 +62,9 @@ TargetKVGroups = Sequence[tuple[int, Sequence[str]]]
 
 
 class TreeRounds:
+    """One runner's trees: proposed (by the proposer, per request), then the
+    step verifying them (read by the runner patches and the sampler)."""
+
     def __init__(self):
         # The target's attention layers, which verify trees (the draft's do not),
         # by KV cache group; known once the KV cache is configured.

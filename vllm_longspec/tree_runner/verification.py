@@ -44,6 +44,7 @@ def verify_step(
     logits: torch.Tensor,  # [sum(num_drafts) + num_reqs, V] target logits per slot
     sampling: BatchSampling,
 ) -> StepVerification:
+    """Verify every row of the batch; ``trees`` maps tree rows to their tree."""
     num_reqs = len(num_drafts)
     draft_starts = [0] * num_reqs
     logit_starts = [0] * num_reqs
