@@ -41,6 +41,7 @@ def register() -> None:
 
     from vllm_longspec import patches
     from vllm_longspec.model.checkpoint import ARCHITECTURE
+    from vllm_longspec.profiling import install_from_env as install_step_timer_from_env
 
     check_vllm_version(vllm.__version__)
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
@@ -48,6 +49,7 @@ def register() -> None:
             ARCHITECTURE, "vllm_longspec.model.draft:LongSpecForCausalLM"
         )
     patches.apply_all()
+    install_step_timer_from_env()
     if os.environ.get(HYBRID_ATTENTION_ENV) == "1":
         # Opt-in until tree speculation uses it (see docs/hybrid-attention.md).
         from vllm_longspec.attention.backend import register_attention_backend

@@ -58,6 +58,18 @@ PINNED_EXACTLY = [
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward",
      ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
       "output_scale", "output_block_scale"]),
+    # The step timer (vllm_longspec/profiling.py, VLLM_LONGSPEC_TIME_SPLIT).
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model",
+     ["self", "scheduler_output", "intermediate_tensors"]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens",
+     ["self", "grammar_output"]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._model_forward",
+     ["self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds",
+      "model_kwargs"]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.propose_draft_token_ids",
+     ["self", "scheduler_output", "sampled_token_ids", "sampling_metadata",
+      "hidden_states", "sample_hidden_states", "aux_hidden_states",
+      "spec_decode_metadata", "common_attn_metadata", "slot_mappings"]),
 ]
 
 # (module, qualified name, parameters we pass): called.
@@ -110,6 +122,9 @@ CALLED_WITH = [
 
 # (module, qualified name, substrings its source must contain): behaviours we rely on.
 SOURCE_FACTS = [
+    # The step timer reads these scheduler-output fields.
+    ("vllm.v1.core.sched.output", "SchedulerOutput",
+     ["total_num_scheduled_tokens:", "num_scheduled_tokens:"]),
     # Draft layers = attention layers added by the draft; the draft KV group id.
     ("vllm.v1.spec_decode.llm_base_proposer", "SpecDecodeBaseProposer.load_model",
      ["_draft_attn_layer_names", "_maybe_share_embeddings", "_maybe_share_lm_head"]),

@@ -1,0 +1,102 @@
+"""Where a decode step's time goes, per method: target forward, drafting, the rest.
+
+    python -m benchmarks.time_split [--prompt-id ID] [--max-tokens N] [--k K]
+
+Decodes one prompt of ``benchmarks/prompts/longctx-v1.jsonl`` (batch 1,
+greedy) with plain vLLM, ``ngram`` and LongSpec (the shipped draft), each in its
+own engine process with ``VLLM_LONGSPEC_TIME_SPLIT`` set
+(``vllm_longspec/profiling.py``), and prints the mean milliseconds per decode
+step of the target forward, the drafting and everything else, plus tokens per
+step. Writes ``benchmarks/results/time_split.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "benchmarks" / "prompts" / "longctx-v1.jsonl"
+SHIPPED = ROOT / "vllm_longspec" / "drafts" / "smollm2-135m-instruct"
+
+
+def speculative_config(method: str, k: int) -> dict | None:
+    if method == "plain":
+        return None
+    if method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": k,
+                "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    return {"method": "longspec", "model": str(SHIPPED), "num_speculative_tokens": k}
+
+
+def worker(args) -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = json.loads(Path(args.prompt_file).read_text())
+    llm = LLM(model=args.model, dtype=args.dtype, max_model_len=8192, enforce_eager=True,
+              kv_cache_memory_bytes=2 << 30, seed=0, disable_log_stats=False,
+              speculative_config=speculative_config(args.method, args.k))
+    output = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                          SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
+                          use_tqdm=False)[0]
+    print("TOKENS " + json.dumps(len(output.outputs[0].token_ids)), flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt-id", default="code-4k-concurrent")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--methods", nargs="+", default=["plain", "ngram", "longspec"])
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/time_split.json"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--model", help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-file", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        worker(args)
+        return
+
+    from vllm_longspec.assets import ensure_default_target
+    from vllm_longspec.profiling import ENV_VAR, summarise
+
+    model = str(ensure_default_target(progress=False))
+    record = next(r for r in map(json.loads, PROMPTS.read_text().splitlines())
+                  if r["id"] == args.prompt_id)
+    workdir = Path(tempfile.mkdtemp(prefix="time-split-"))
+    prompt_file = workdir / "prompt.json"
+    prompt_file.write_text(json.dumps(record["prompt_token_ids"]))
+    results = {}
+    for method in args.methods:
+        split_file = workdir / f"{method}.jsonl"
+        command = [sys.executable, "-m", "benchmarks.time_split", "--worker",
+                   "--method", method, "--model", model, "--prompt-file", str(prompt_file),
+                   "--max-tokens", str(args.max_tokens), "--k", str(args.k),
+                   "--dtype", args.dtype]
+        env = {**os.environ, ENV_VAR: str(split_file), "VLLM_LOGGING_LEVEL": "ERROR"}
+        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+        if proc.returncode != 0:
+            sys.exit(f"{method} failed:\n{proc.stderr[-4000:]}")
+        tokens = int(proc.stdout.split("TOKENS ")[-1].split()[0])
+        summary = summarise(split_file, max_tokens_per_request=args.k + 1)
+        # The first output token comes from prefill; the others from decode steps.
+        summary["tokens_per_step"] = round((tokens - 1) / max(summary["decode_steps"], 1), 2)
+        summary["ms_per_token"] = round(summary["step_ms"] / summary["tokens_per_step"], 2)
+        results[method] = summary
+        print(f"{method:9s} " + "  ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+    Path(args.out).write_text(json.dumps({
+        "prompt_id": args.prompt_id, "prompt_tokens": len(record["prompt_token_ids"]),
+        "max_tokens": args.max_tokens, "k": args.k, "dtype": args.dtype,
+        "results": results}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
