@@ -55,9 +55,13 @@ def test_tokens_budget_becomes_steps():
 def test_default_smollm2_config_loads_and_its_sources_exist():
     config = load_config(DEFAULT_CONFIG)
     assert config.target is None  # the default target
-    assert [s.name for s in config.stages] == ["short-aoi", "long"]
+    assert [s.name for s in config.stages] == ["short-aoi", "sft-distill"]
     assert config.stages[0].aoi and config.stages[0].seq_len == 1024
     stdlib = sysconfig.get_paths()["stdlib"]
     first_source = config.stages[0].sources[0]
     assert first_source.expanded_paths()[0].startswith(stdlib)
     assert any(Path(stdlib).glob("*.py"))
+    # stage 2 reads `vllm-longspec distill` output from the user's cache
+    (distill,) = config.stages[1].sources
+    assert distill.type == "jsonl" and not config.stages[1].aoi
+    assert distill.expanded_paths()[0].startswith(str(Path.home()))
