@@ -22,6 +22,8 @@ from vllm_longspec.tree import BatchSampling, BeamTree, BeamTreeBuilder
 
 
 class TreeDrafter:
+    """The LongSpec draft growing a batch's beam trees, level by level."""
+
     def __init__(self, model: LongSpecForCausalLM, widths: Sequence[int],
                  window_layer):
         self.model = model
