@@ -129,3 +129,21 @@ def test_cli_train_and_resume(workspace, capsys):
     bad.write_text(json.dumps({**raw, "typo": 1}))
     assert main(["train", "--config", str(bad)]) == 2
     assert "unknown key 'typo'" in capsys.readouterr().err
+
+
+def test_init_from_fine_tunes_an_exported_draft(workspace):
+    from vllm_longspec.model.checkpoint import DraftCheckpointError
+
+    source = Trainer(config_from_dict(_config(workspace, "source"))).run()
+    exported = {k: v for k, v in load_file(source / "model.safetensors").items()}
+    tuned = Trainer(config_from_dict(_config(workspace, "tuned", init_from=str(source))))
+    assert all(torch.equal(tuned.draft.state_dict()[k], exported[k]) for k in exported)
+    fresh = Trainer(config_from_dict(_config(workspace, "fresh")))
+    assert not torch.equal(fresh.draft.state_dict()["mlp.up_proj.weight"],
+                           exported["mlp.up_proj.weight"])
+
+    # a draft whose sizes belong to another target is refused, by name
+    save_tiny_llama(workspace / "wide", hidden_size=96)
+    with pytest.raises(DraftCheckpointError, match="another target"):
+        Trainer(config_from_dict(_config(workspace, "wrong", init_from=str(source),
+                                         target=str(workspace / "wide"))))

@@ -111,6 +111,7 @@ class TrainConfig:
 
     stages: tuple[StageConfig, ...]
     target: str | None = None  # None: vllm_longspec.assets.default_target_path()
+    init_from: str | None = None  # an exported draft directory to fine-tune
     output_dir: str = "runs/longspec-draft"
     seed: int = 0
     sliding_window: int = 512

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_longspec.train.model import LongSpecDraft
+from vllm_longspec.train.model import LongSpecDraft, load_draft_weights
 from vllm_longspec.train.target import lm_head_weight, load_target, run_target
 
 
@@ -56,22 +56,14 @@ class DraftEvaluator:
     """A trained draft directory next to its (frozen, float32) target."""
 
     def __init__(self, draft_dir: str | Path, target_dir: str | Path):
-        from safetensors.torch import load_file
-
-        from vllm_longspec.model.checkpoint import DRAFT_VOCAB, canonical_name
-
         config = json.loads((Path(draft_dir) / "config.json").read_text())
         self.target = load_target(target_dir, torch.float32)
         target_config = json.loads((Path(target_dir) / "config.json").read_text())
         window = (config.get("longspec") or {}).get("sliding_window", 512)
         self.draft = LongSpecDraft(target_config, window).eval()
-        state = {canonical_name(k): v.float()
-                 for k, v in load_file(str(Path(draft_dir) / "model.safetensors")).items()}
-        vocab = state.pop(DRAFT_VOCAB, None)
-        state = {k: v for k, v in state.items() if k in self.draft.state_dict()}
-        self.draft.load_state_dict(state)
+        vocab = load_draft_weights(self.draft, draft_dir)
         head = lm_head_weight(self.target).float()
-        self.vocab = vocab.long() if vocab is not None else None
+        self.vocab = vocab
         self.head = head[self.vocab] if self.vocab is not None else head
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ autocast the projections run in bfloat16.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -184,6 +185,38 @@ class LongSpecDraft(nn.Module):
 def draft_logits(hidden: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
     """Full logits [..., vocab] (tests and evaluation only; training chunks them)."""
     return hidden.to(lm_head_weight.dtype) @ lm_head_weight.T
+
+
+def load_draft_weights(draft: LongSpecDraft, draft_dir: str | Path) -> torch.Tensor | None:
+    """Copy an exported draft directory's block weights into ``draft``.
+
+    Returns the directory's draft vocabulary (token ids) if it has one. Raises
+    ``DraftCheckpointError`` if the weights do not fit ``draft`` (another target).
+    """
+    from safetensors.torch import load_file
+
+    from vllm_longspec.model.checkpoint import (
+        DRAFT_VOCAB,
+        DraftCheckpointError,
+        canonical_name,
+        read_draft_checkpoint,
+    )
+
+    checkpoint = read_draft_checkpoint(draft_dir)
+    state: dict[str, torch.Tensor] = {}
+    for file in checkpoint.safetensors_files:
+        state.update({canonical_name(k): v for k, v in load_file(str(file)).items()})
+    vocab = state.pop(DRAFT_VOCAB, None)
+    expected = draft.state_dict()
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise DraftCheckpointError(
+                f"{name} in {str(checkpoint.path)!r} has shape {tuple(state[name].shape)}, "
+                f"the draft for this target needs {tuple(tensor.shape)}: the draft was "
+                "trained for another target."
+            )
+    draft.load_state_dict({name: state[name].to(t.dtype) for name, t in expected.items()})
+    return vocab.long() if vocab is not None else None
 
 
 def new_draft(

@@ -27,7 +27,7 @@ from vllm_longspec.train.config import StageConfig, TrainConfig
 from vllm_longspec.train.data import PackedStream
 from vllm_longspec.train.exclusions import ExclusionSet
 from vllm_longspec.train.metrics import MetricsLog, plot_loss_curve
-from vllm_longspec.train.model import new_draft
+from vllm_longspec.train.model import load_draft_weights, new_draft
 from vllm_longspec.train.schedule import warmup_cosine_lr
 from vllm_longspec.train.sources import DocumentReader, index_documents, needs_tokenizer
 from vllm_longspec.train.step import (
@@ -107,6 +107,9 @@ class Trainer:
         self.target = load_target(self.target_path, DTYPES[config.target_dtype])
         torch.manual_seed(config.seed)
         self.draft = new_draft(self.target_config, config.sliding_window, config.seed)
+        if config.init_from:
+            load_draft_weights(self.draft, Path(config.init_from).expanduser())
+            log.info("initialised the draft from %s", config.init_from)
         self.draft.train()
         self.optimizer = _optimizer(self.draft, config)
         self.exclusions = ExclusionSet.from_config(
