@@ -64,3 +64,25 @@ def assert_follows(token_ids: list[list[int]], exact: np.ndarray, first_tokens: 
     bound = tv_quantile(exact_buckets / exact_buckets.sum(), len(seconds))
     print(json.dumps({"tv": tv, "bound": bound, "n": len(seconds)}))
     assert tv < bound
+
+
+def assert_speculation_keeps_distribution(tmp_path, target_dir, tokenizer,
+                                          speculative_config: dict,
+                                          num_samples: int = 1500) -> None:
+    """Seeded samples of the first two tokens under ``speculative_config``
+    follow the target's exact distribution (and speculation did run)."""
+    from .conftest import run_engine_job
+
+    prompt_ids = tokenizer(PROMPT)["input_ids"]
+    exact, first_tokens, covered = exact_second_token_distribution(target_dir, prompt_ids)
+    assert covered > 0.6, "enumerated first tokens must carry most of the mass"
+    result = run_engine_job(tmp_path, {
+        "model": str(target_dir), "max_tokens": 2, "max_num_seqs": 128,
+        "max_model_len": 512, "speculative_config": speculative_config,
+        "phases": [{"name": "s", "mode": "seeded", "prompt": prompt_ids,
+                    "num_samples": num_samples, "temperature": TEMPERATURE,
+                    "max_tokens": 2}],
+    })
+    phase = result["phases"]["s"]
+    assert phase["counters"]["vllm:spec_decode_num_draft_tokens"] > 0
+    assert_follows(phase["token_ids"], exact, first_tokens, num_samples)
