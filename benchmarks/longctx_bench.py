@@ -26,6 +26,17 @@ decoding at batch size 8.
 ``--quick``: 1k only, one prompt per task, 16 tokens, batch size 1, greedy.
 Flags given explicitly override the profile's values.
 
+A ``--methods`` entry may carry parameters, so that one run compares several
+LongSpec chain lengths and tree shapes (one engine per entry and setting):
+
+    python -m benchmarks.longctx_bench --methods plain longspec:1 longspec:4 \\
+        longspec_tree:4,4,4,4 longspec_tree:2,2,2
+
+``longspec:K`` is a chain of K tokens, ``longspec_tree:W1,W2,...`` a tree with
+those level widths; a bare ``longspec`` / ``longspec_tree`` uses ``--k`` /
+``--tree``. The entry (canonical: ``longspec:04`` is ``longspec:4``) names the
+method in the results; its cells go to ``cells/SETTING/longspec_tree-4-4-4-4/``.
+
 Results go to ``--out`` (default ``benchmarks/results/longctx/``, ``-quick``
 for the quick profile): ``results.json``, ``results.md`` and PNG plots. Each
 finished cell is cached under ``cells/`` with a fingerprint of its experiment;
@@ -55,7 +66,15 @@ from benchmarks.longctx.jobs import (
 )
 from benchmarks.longctx.kv_probe import draft_memory_payload, load_draft_memory
 from benchmarks.longctx.machine import REPOSITORY, describe_machine, describe_software
-from benchmarks.longctx.methods import BASELINE, DEFAULT_TREE, METHODS
+from benchmarks.longctx.methods import (
+    BASELINE,
+    DEFAULT_TREE,
+    MethodSpecError,
+    chain_length,
+    method_syntax,
+    parse_spec,
+    tree_widths,
+)
 from benchmarks.longctx.plan import CellKey, EngineSettings, Setting, directory_sha256
 from benchmarks.longctx.prompt_file import (
     BUCKET_TOKENS,
@@ -91,14 +110,33 @@ QUICK = Profile(lengths=("1k",), prompts_per_bucket=1, max_tokens=16,
                 out=RESULTS_DIR / "longctx-quick")
 
 
+def method_spec(text: str) -> str:
+    """``--methods`` entry -> its canonical spec (``longspec:04`` -> ``longspec:4``)."""
+    try:
+        return parse_spec(text).spec
+    except MethodSpecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def k_option(text: str) -> int:
+    try:
+        return chain_length(text)
+    except MethodSpecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--quick", action="store_true", help="small smoke profile")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
-                        default=list(DEFAULT_METHODS))
+    parser.add_argument("--methods", nargs="+", type=method_spec, metavar="METHOD",
+                        default=list(DEFAULT_METHODS),
+                        help=f"{method_syntax()}: e.g. longspec:2 (a chain of K=2), "
+                        "longspec_tree:4,4,4,4 (those level widths); a bare longspec "
+                        "/ longspec_tree uses --k / --tree; plain always runs "
+                        f"(default: {' '.join(DEFAULT_METHODS)})")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--lengths", nargs="+", choices=list(BUCKET_TOKENS))
     parser.add_argument("--batch-sizes", nargs="+", type=int)
@@ -114,9 +152,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--draft", help="LongSpec draft directory, or 'random' for an "
                         f"untrained one (default: {SHIPPED_DRAFT.relative_to(REPOSITORY)} "
                         "if present)")
-    parser.add_argument("--k", type=int, default=4, help="LongSpec num_speculative_tokens")
-    parser.add_argument("--tree", type=int, nargs="+", default=list(DEFAULT_TREE),
-                        help="level widths of the longspec_tree method "
+    parser.add_argument("--k", type=k_option, default=4,
+                        help="LongSpec num_speculative_tokens of a bare longspec")
+    parser.add_argument("--tree", nargs="+", default=list(DEFAULT_TREE),
+                        metavar="WIDTH", help="level widths of a bare longspec_tree "
                         f"(default {' '.join(map(str, DEFAULT_TREE))})")
     parser.add_argument("--model", help="target model directory (default: SmolLM2)")
     parser.add_argument("--out", type=Path)
@@ -127,6 +166,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from cached cells, run nothing")
     args = parser.parse_args(argv)
+    try:
+        args.tree = list(tree_widths([str(width) for width in args.tree]))
+    except MethodSpecError as error:
+        parser.error(f"argument --tree: {error}")
+    # plain first (the reference), each spec once, in the order given.
+    args.methods = list(dict.fromkeys([BASELINE, *args.methods]))
     profile = QUICK if args.quick else FULL
     for name in ("lengths", "prompts_per_bucket", "max_tokens", "batched_max_tokens",
                  "batch_sizes", "samplings", "out"):
@@ -190,9 +235,9 @@ def describe_run(args: argparse.Namespace, argv: list[str] | None, start: float,
         "machine": describe_machine(), "software": describe_software(),
         "engine": asdict(engine), "draft": draft, "num_speculative_tokens": args.k,
         "tree": args.tree,
-        "methods": {m: {"summary": METHODS[m].summary,
+        "methods": {m: {"summary": parse_spec(m).summary(options),
                         "speculative_config": (None if m in unavailable
-                                               else METHODS[m].config(options)),
+                                               else parse_spec(m).config(options)),
                         "unavailable": unavailable.get(m)} for m in methods},
         "profile": {"tasks": args.tasks, "lengths": args.lengths,
                     "prompts_per_bucket": args.prompts_per_bucket,
@@ -230,17 +275,20 @@ def main(argv: list[str] | None = None) -> None:
     prompts = select_prompts(args)
     draft = resolve_draft(args, model)
     options = method_options(args, draft)
-    methods = [BASELINE] + [m for m in args.methods if m != BASELINE]
+    methods = args.methods  # canonical specs, plain first
     unavailable = {m: reason for m in methods
-                   if (reason := METHODS[m].unavailable(options))}
+                   if (reason := parse_spec(m).unavailable(options))}
     runnable = [m for m in methods if m not in unavailable]
     engine = EngineSettings(model=str(model))
     jobs = plan(args, engine, prompts, runnable, draft, describe_software()["vllm"])
     records, pending = load_cached(jobs, args.out, args.fresh)
 
     probe = draft_memory = None
-    if args.draft_memory and "longspec" in runnable:
-        longspec_config = METHODS["longspec"].config(options)
+    longspec_runs = any(parse_spec(m).method.name.startswith("longspec")
+                        for m in runnable)
+    if args.draft_memory and longspec_runs:
+        # The probe measures the draft's KV memory: a chain of --k tokens will do.
+        longspec_config = parse_spec("longspec").config(options)
         probe = draft_memory_payload(args, engine, prompts, longspec_config,
                                      draft["sha256"])
         if not args.fresh:

@@ -1,9 +1,10 @@
 """Where a decode step's time goes, per method: target forward, drafting, the rest.
 
-    python -m benchmarks.time_split [--prompt-id ID] [--max-tokens N] [--k K]
+    python -m benchmarks.time_split [--prompt-id ID] [--max-tokens N] [--k K] [--batch B]
 
-Decodes one prompt of ``benchmarks/prompts/longctx-v1.jsonl`` (batch 1,
-greedy) with plain vLLM, ``ngram`` and LongSpec (the shipped draft), each in its
+Decodes one prompt of ``benchmarks/prompts/longctx-v1.jsonl`` (greedy; with
+``--batch B``, B copies of it at once, as the long-context benchmark's batched
+cells do) with plain vLLM, ``ngram`` and LongSpec (the shipped draft), each in its
 own engine process with ``VLLM_LONGSPEC_TIME_SPLIT`` set
 (``vllm_longspec/profiling.py``), and prints the mean milliseconds per decode
 step of the target forward, the drafting and everything else, plus tokens per
@@ -42,10 +43,11 @@ def worker(args) -> None:
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=8192, enforce_eager=True,
               kv_cache_memory_bytes=2 << 30, seed=0, disable_log_stats=False,
               speculative_config=speculative_config(args.method, args.k))
-    output = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
-                          SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
-                          use_tqdm=False)[0]
-    print("TOKENS " + json.dumps(len(output.outputs[0].token_ids)), flush=True)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * args.batch,
+                           SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
+                           use_tqdm=False)
+    tokens = sum(len(output.outputs[0].token_ids) for output in outputs)
+    print("TOKENS " + json.dumps(tokens), flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-id", default="code-4k-concurrent")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1, help="copies of the prompt")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--methods", nargs="+", default=["plain", "ngram", "longspec"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/time_split.json"))
@@ -80,21 +83,24 @@ def main(argv: list[str] | None = None) -> None:
         command = [sys.executable, "-m", "benchmarks.time_split", "--worker",
                    "--method", method, "--model", model, "--prompt-file", str(prompt_file),
                    "--max-tokens", str(args.max_tokens), "--k", str(args.k),
-                   "--dtype", args.dtype]
+                   "--batch", str(args.batch), "--dtype", args.dtype]
         env = {**os.environ, ENV_VAR: str(split_file), "VLLM_LOGGING_LEVEL": "ERROR"}
         proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode != 0:
             sys.exit(f"{method} failed:\n{proc.stderr[-4000:]}")
         tokens = int(proc.stdout.split("TOKENS ")[-1].split()[0])
         summary = summarise(split_file, max_tokens_per_request=args.k + 1)
-        # The first output token comes from prefill; the others from decode steps.
-        summary["tokens_per_step"] = round((tokens - 1) / max(summary["decode_steps"], 1), 2)
+        # Each request's first output token comes from prefill, the others from
+        # decode steps; tokens per step counts all requests of a step.
+        summary["tokens_per_step"] = round(
+            (tokens - args.batch) / max(summary["decode_steps"], 1), 2)
         summary["ms_per_token"] = round(summary["step_ms"] / summary["tokens_per_step"], 2)
         results[method] = summary
         print(f"{method:9s} " + "  ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
     Path(args.out).write_text(json.dumps({
         "prompt_id": args.prompt_id, "prompt_tokens": len(record["prompt_token_ids"]),
-        "max_tokens": args.max_tokens, "k": args.k, "dtype": args.dtype,
+        "max_tokens": args.max_tokens, "k": args.k, "batch": args.batch,
+        "dtype": args.dtype,
         "results": results}, indent=1) + "\n")
 
 

@@ -2,7 +2,8 @@
 
     documents.py    the reserved source documents and how each is rendered as text
     prompt_file.py  the prompt set's record type, buckets, reading and writing
-    methods.py      the decoding methods compared (plain, ngram, suffix, LongSpec)
+    methods.py      the decoding methods compared (plain, ngram, suffix, LongSpec
+                    chains and trees) and method specs such as longspec:2
     plan.py         settings, engine settings, cells and their requests, fingerprints
     jobs.py         one engine process per (setting, method): planning, caching, running
     worker.py       one engine in its own process: runs cells, writes raw timings

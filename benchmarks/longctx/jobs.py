@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from benchmarks.longctx.kv_probe import draft_memory_env
 from benchmarks.longctx.machine import REPOSITORY
-from benchmarks.longctx.methods import METHODS, MethodOptions
+from benchmarks.longctx.methods import MethodOptions, parse_spec, spec_slug
 from benchmarks.longctx.plan import (
     Cell,
     CellKey,
@@ -46,13 +46,13 @@ class Job:
     """One engine process: a method under a setting, and the cells it must run."""
 
     setting: Setting
-    method: str
+    method: str  # canonical method spec
     speculative_config: dict[str, Any] | None
     cells: tuple[Cell, ...]
 
     @property
     def name(self) -> str:
-        return f"{self.setting.name}-{self.method}"
+        return f"{self.setting.name}-{spec_slug(self.method)}"
 
 
 def plan(args: argparse.Namespace, engine: EngineSettings,
@@ -63,7 +63,7 @@ def plan(args: argparse.Namespace, engine: EngineSettings,
     for sampling in args.samplings:
         setting = Setting(sampling, args.dtype)
         for method in methods:
-            config = METHODS[method].config(options)
+            config = parse_spec(method).config(options)
             # The draft's content, not its path, identifies the experiment.
             identity = (dict(config, model=draft["sha256"])
                         if config and config.get("model") else config)

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks.longctx.methods import spec_slug
 from benchmarks.longctx.prompt_file import PromptRecord
 
 SAMPLED_TEMPERATURE = 0.8
@@ -68,14 +69,14 @@ class Request:
 @dataclass(frozen=True)
 class CellKey:
     setting: str
-    method: str
+    method: str  # the canonical method spec, e.g. "longspec:2" (methods.py)
     task: str
     bucket: str
     batch: int
 
     def relative_path(self) -> Path:
         name = f"{self.task}-{self.bucket}-b{self.batch}.json"
-        return Path(self.setting, self.method, name)
+        return Path(self.setting, spec_slug(self.method), name)
 
     def label(self) -> str:
         return f"{self.setting} {self.method} {self.task} {self.bucket} b{self.batch}"
@@ -120,10 +121,11 @@ def _jsonable(value: Any) -> Any:
 
 
 def directory_sha256(directory: str) -> str:
-    """Content hash of a draft directory (file names and bytes)."""
+    """Content hash of what makes a draft: its config.json and weights (names
+    and bytes); a card or plot next to them does not change it."""
     digest = hashlib.sha256()
     for path in sorted(Path(directory).rglob("*")):
-        if path.is_file():
+        if path.is_file() and (path.name == "config.json" or path.suffix == ".safetensors"):
             digest.update(str(path.relative_to(directory)).encode())
             digest.update(hashlib.sha256(path.read_bytes()).digest())
     return digest.hexdigest()

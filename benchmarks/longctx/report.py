@@ -1,6 +1,7 @@
 """Results of a suite run: rows of metrics, ``results.json``, ``results.md``, plots.
 
-One row per (setting, task, context length, batch size, method), plus pooled
+One row per (setting, task, context length, batch size, method spec: e.g.
+``longspec:2`` and ``longspec_tree:4,4,4,4`` are two methods), plus pooled
 rows over all tasks ("all"). Speedups and output comparisons are against
 plain decoding in the same (setting, task, context length, batch size).
 Methods that could not run appear with the reason.
@@ -209,9 +210,14 @@ def _draft_memory_table(by_context: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _draft_depth(config: dict[str, Any] | None) -> int | None:
-    """Positions worth showing: a tree's depth (vLLM sizes the per-position
-    counter by its node count, but counts accepted tokens per depth)."""
-    return len(config["tree"]) if config and "tree" in config else None
+    """Positions worth showing for one method spec (each variant has its own
+    config): a tree's depth (vLLM sizes the per-position counter by its node
+    count, but counts accepted tokens per depth), a chain's K, else all."""
+    if not config:
+        return None
+    if config.get("tree"):
+        return len(config["tree"])
+    return config.get("num_speculative_tokens")
 
 
 def plot(rows: list[Row], out_dir: Path) -> list[Path]:

@@ -7,12 +7,22 @@ docs/benchmarks.md says on synthetic traces whose answers are known.
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 
 import pytest
 
 from benchmarks.longctx.documents import is_reserved, resolve, source_sha256
-from benchmarks.longctx.methods import METHODS, MethodOptions
+from benchmarks.longctx.jobs import plan
+from benchmarks.longctx.methods import (
+    METHODS,
+    MethodOptions,
+    MethodSpecError,
+    parse_spec,
+    spec_from_slug,
+    spec_slug,
+)
 from benchmarks.longctx.metrics import (
     SpecCounters,
     cell_metrics,
@@ -22,7 +32,7 @@ from benchmarks.longctx.metrics import (
     percentile,
     speedup,
 )
-from benchmarks.longctx.plan import CellKey, request_groups
+from benchmarks.longctx.plan import CellKey, EngineSettings, request_groups
 from benchmarks.longctx.prompt_file import (
     BUCKET_TOKENS,
     MANIFEST_FILE,
@@ -33,7 +43,8 @@ from benchmarks.longctx.prompt_file import (
     file_sha256,
     read_prompts,
 )
-from benchmarks.longctx.report import build_rows
+from benchmarks.longctx.report import build_rows, markdown
+from benchmarks.longctx_bench import parse_args
 
 TARGET_POSITIONS, TARGET_VOCAB = 8192, 49152
 
@@ -213,3 +224,191 @@ def test_methods_report_why_they_cannot_run():
         "method": "longspec", "model": "/some/draft", "num_speculative_tokens": 3}
     assert METHODS["plain"].config(with_draft) is None
     assert METHODS["longspec_tree"].config(with_draft)["tree"] == [4, 4, 4, 4]
+
+
+# --- method specs: several chains and trees in one run -------------------------
+
+WITH_DRAFT = MethodOptions(draft="/some/draft", num_speculative_tokens=4)
+
+
+def test_method_specs_parse_to_canonical_identities():
+    assert parse_spec("plain").spec == "plain"
+    assert parse_spec("longspec").spec == "longspec"  # bare: --k decides
+    assert parse_spec("longspec:2").spec == "longspec:2"
+    assert parse_spec("longspec:02").spec == "longspec:2"
+    tree = parse_spec("longspec_tree:4,4,4,4")
+    assert tree.spec == "longspec_tree:4,4,4,4" and tree.method.name == "longspec_tree"
+    assert parse_spec("longspec_tree:2,02,2").spec == "longspec_tree:2,2,2"
+    assert parse_spec("longspec_tree:8").spec == "longspec_tree:8"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("beam", "unknown method 'beam'"),
+    ("beam:4", "unknown method 'beam'"),
+    ("LongSpec:4", "unknown method"),
+    ("plain:3", "takes no parameters"),
+    ("ngram:4", "takes no parameters"),
+    ("suffix:", "takes no parameters"),
+    ("longspec:", "positive integer"),
+    ("longspec:0", "positive integer"),
+    ("longspec:-1", "positive integer"),
+    ("longspec:2.5", "positive integer"),
+    ("longspec:+2", "positive integer"),
+    ("longspec: 2", "positive integer"),
+    ("longspec:2,2", "positive integer"),
+    ("longspec:17", "at most 16"),
+    ("longspec_tree:", "positive integer"),
+    ("longspec_tree:4,,4", "positive integer"),
+    ("longspec_tree:4,4,", "positive integer"),
+    ("longspec_tree:4,0", "positive integer"),
+    ("longspec_tree:4-4", "positive integer"),
+    ("longspec_tree:4;4", "positive integer"),
+    ("longspec_tree:64,64", "at most 127"),
+])
+def test_malformed_method_specs_are_rejected(spec, message, capsys):
+    with pytest.raises(MethodSpecError, match=message):
+        parse_spec(spec)
+    with pytest.raises(SystemExit) as exit_info:  # an argparse error, not a traceback
+        parse_args(["--methods", "plain", spec])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --methods" in error and message.split("'")[0] in error
+
+
+def test_command_line_keeps_plain_first_and_each_spec_once():
+    args = parse_args(["--methods", "longspec:1", "longspec:4", "longspec_tree:4,4,4,4",
+                       "longspec_tree:2,2,2", "plain", "longspec:04", "longspec"])
+    assert args.methods == ["plain", "longspec:1", "longspec:4",
+                            "longspec_tree:4,4,4,4", "longspec_tree:2,2,2", "longspec"]
+    assert parse_args([]).methods == ["plain", "ngram", "suffix", "longspec"]
+    assert parse_args(["--tree", "2", "2"]).tree == [2, 2]
+    for bad in (["--k", "0"], ["--k", "x"], ["--tree", "4", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_method_specs_make_the_speculative_configs():
+    chain = {"method": "longspec", "model": "/some/draft"}
+    assert parse_spec("longspec").config(WITH_DRAFT) == chain | {
+        "num_speculative_tokens": 4}
+    assert parse_spec("longspec:1").config(WITH_DRAFT) == chain | {
+        "num_speculative_tokens": 1}
+    assert parse_spec("longspec:7").config(
+        MethodOptions("/some/draft", 3, (2, 2))) == chain | {"num_speculative_tokens": 7}
+    assert parse_spec("longspec_tree").config(WITH_DRAFT) == chain | {
+        "tree": [4, 4, 4, 4]}
+    assert parse_spec("longspec_tree").config(
+        MethodOptions("/some/draft", 4, (3, 1))) == chain | {"tree": [3, 1]}
+    assert parse_spec("longspec_tree:2,2,2").config(WITH_DRAFT) == chain | {
+        "tree": [2, 2, 2]}
+    assert parse_spec("plain").config(WITH_DRAFT) is None
+    assert parse_spec("ngram").config(WITH_DRAFT) == METHODS["ngram"].config(WITH_DRAFT)
+    no_draft = MethodOptions(draft=None, num_speculative_tokens=4)
+    assert "draft" in parse_spec("longspec:2").unavailable(no_draft)
+    assert "draft" in parse_spec("longspec_tree:2,2").unavailable(no_draft)
+    assert parse_spec("longspec_tree:2,2").unavailable(WITH_DRAFT) is None
+
+
+def test_method_summaries_name_the_variant():
+    assert parse_spec("longspec").summary(WITH_DRAFT) == "LongSpec chain, K=4"
+    assert parse_spec("longspec:2").summary(WITH_DRAFT) == "LongSpec chain, K=2"
+    assert parse_spec("longspec_tree:4,4,4,4").summary(WITH_DRAFT).startswith(
+        "LongSpec tree 4-4-4-4 (dynamic beam tree, 16 nodes, depth 4")
+    assert parse_spec("longspec_tree:2,2,2").summary(WITH_DRAFT).startswith(
+        "LongSpec tree 2-2-2 (")
+    assert "chain of K=3" in parse_spec("longspec_tree:1,1,1").summary(WITH_DRAFT)
+
+
+def test_spec_file_names_are_safe_distinct_and_reversible():
+    specs = ["plain", "ngram", "suffix", "longspec", "longspec:1", "longspec:4",
+             "longspec:14", "longspec_tree", "longspec_tree:4,4,4,4",
+             "longspec_tree:2,2,2", "longspec_tree:22,2", "longspec_tree:2,22",
+             "longspec_tree:1,4"]
+    slugs = [spec_slug(spec) for spec in specs]
+    assert len(set(slugs)) == len(specs)
+    assert all(re.fullmatch(r"[a-z0-9_-]+", slug) for slug in slugs)
+    assert [spec_from_slug(slug) for slug in slugs] == specs
+    # Bare names keep the directories of cells measured before specs existed.
+    assert spec_slug("longspec") == "longspec"
+    assert spec_slug("longspec_tree:4,4,4,4") == "longspec_tree-4-4-4-4"
+
+
+def test_plan_gives_every_variant_its_own_engine_cells_and_config(prompts):
+    specs = ["plain", "longspec", "longspec:1", "longspec:4", "longspec_tree:4,4,4,4",
+             "longspec_tree:2,2,2"]
+    args = argparse.Namespace(samplings=["greedy"], dtype="float32", batch_sizes=[1, 8],
+                              max_tokens=64, batched_max_tokens=64, k=4,
+                              tree=[4, 4, 4, 4])
+    buckets = {("code_completion", "4k"): [p for p in prompts if p.task
+                                          == "code_completion" and p.bucket == "4k"][:1]}
+    draft = {"path": "/some/draft", "sha256": "d" * 64}
+    jobs = plan(args, EngineSettings(model="/target"), buckets, specs, draft, "0.0")
+    assert [job.method for job in jobs] == specs
+    assert len({job.name for job in jobs}) == len(jobs)
+    assert jobs[5].name == "greedy-float32-longspec_tree-2-2-2"
+    configs = {job.method: job.speculative_config for job in jobs}
+    assert configs["plain"] is None
+    assert configs["longspec:1"]["num_speculative_tokens"] == 1
+    assert configs["longspec:4"]["num_speculative_tokens"] == 4
+    assert configs["longspec_tree:4,4,4,4"]["tree"] == [4, 4, 4, 4]
+    assert configs["longspec_tree:2,2,2"]["tree"] == [2, 2, 2]
+    assert all(config["model"] == "/some/draft" for config in list(configs.values())[1:])
+    cells = [cell for job in jobs for cell in job.cells]
+    assert len(cells) == len(specs) * 2
+    assert len({cell.key for cell in cells}) == len(cells)
+    assert len({cell.key.relative_path() for cell in cells}) == len(cells)
+    assert len({cell.key.label() for cell in cells}) == len(cells)
+    assert str(jobs[4].cells[0].key.relative_path()) == (
+        "greedy-float32/longspec_tree-4-4-4-4/code_completion-4k-b1.json")
+    assert str(jobs[1].cells[0].key.relative_path()) == (
+        "greedy-float32/longspec/code_completion-4k-b1.json")
+    by_spec = {job.method: [cell.fingerprint for cell in job.cells] for job in jobs}
+    # The same experiment has the same fingerprint (bare longspec is K=4) ...
+    assert by_spec["longspec"] == by_spec["longspec:4"]
+    # ... and every other variant is another experiment.
+    distinct = [tuple(by_spec[s]) for s in specs if s != "longspec"]
+    assert len(set(distinct)) == len(distinct)
+
+
+def _spec_record(tokens, accepted_per_position):
+    drafts = 10
+    return _record([(1.0, 1, [1]), (1.1, 0, [len(tokens) - 1])], {0: tokens},
+                   {"drafts": drafts, "draft_tokens": 4 * drafts,
+                    "accepted_tokens": sum(accepted_per_position),
+                    "accepted_per_position": accepted_per_position, "preemptions": 0})
+
+
+def test_report_shows_every_variant_with_its_own_acceptance_positions():
+    plain = _record([(1.0, 1, [1]), (1.1, 0, [1]), (1.2, 0, [1])], {0: [7, 8, 9]})
+    # vLLM sizes a tree's per-position counter by its nodes; only depths count.
+    records = {"plain": plain,
+               "longspec:1": _spec_record([7, 8, 9], [3]),
+               "longspec:4": _spec_record([7, 8, 9], [5, 3, 1, 0]),
+               "longspec_tree:4,4,4,4": _spec_record([7, 8, 9], [6, 4, 2, 1] + [0] * 12),
+               "longspec_tree:2,2,2": _spec_record([7, 8, 4], [7, 5, 3] + [0] * 3)}
+    keys = [CellKey("greedy-float32", spec, "doc_qa", "4k", 1) for spec in records]
+    rows = build_rows(keys, {key: records[key.method] for key in keys}, {})
+    assert [row.method for row in rows] == list(records)
+    options = WITH_DRAFT
+    header = {
+        "prompt_set": PROMPT_SET, "command": "python -m benchmarks.longctx_bench",
+        "suite_wall_s": 60.0, "failures": {}, "draft": None,
+        "machine": {"cpu_model": "cpu", "usable_cores": 2, "memory_gib": 8,
+                    "loadavg_at_start": [1.0, 1.0, 1.0]},
+        "software": {"vllm": "0", "torch": "0", "vllm_longspec_commit": None,
+                     "vllm_longspec_dirty": False, "ld_preload": None},
+        "methods": {spec: {"summary": parse_spec(spec).summary(options),
+                           "speculative_config": parse_spec(spec).config(options),
+                           "unavailable": None} for spec in records}}
+    table = markdown(header, rows)
+    lines = {line.split(" | ")[3]: line for line in table.splitlines()
+             if line.startswith("| doc_qa |")}
+    assert set(lines) == set(records)
+    assert "| 0.30 |" in lines["longspec:1"]
+    assert "| 0.50 0.30 0.10 0.00 |" in lines["longspec:4"]
+    assert "| 0.60 0.40 0.20 0.10 |" in lines["longspec_tree:4,4,4,4"]
+    assert "| 0.70 0.50 0.30 |" in lines["longspec_tree:2,2,2"]
+    assert "identical 1/1" in lines["longspec_tree:4,4,4,4"]
+    assert "first diff at token 2" in lines["longspec_tree:2,2,2"]
+    assert "- `longspec_tree:2,2,2`: LongSpec tree 2-2-2" in table
+    assert "- `longspec:1`: LongSpec chain, K=1;" in table
