@@ -3,7 +3,7 @@
     vllm-longspec train --config vllm_longspec/train/configs/smollm2_135m.json
     vllm-longspec train --config CONFIG --resume      # continue checkpoint-last.pt
 
-``--output-dir``, ``--target`` and ``--num-threads`` override the config;
+``--output-dir``, ``--target``, ``--num-threads`` and ``--device`` override the config;
 ``--max-steps N`` stops after N steps with a checkpoint (smoke tests, time
 slicing: run again with ``--resume``).
 """
@@ -25,6 +25,7 @@ def build_parser(prog: str = "vllm-longspec train") -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", help="override the config's output_dir")
     parser.add_argument("--target", help="override the config's target model dir")
     parser.add_argument("--num-threads", type=int, help="torch CPU threads")
+    parser.add_argument("--device", help="cpu (default) or cuda[:N] (untested on a GPU so far)")
     parser.add_argument("--max-steps", type=int,
                         help="stop after this many steps of this run (checkpointed)")
     return parser
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {
             "output_dir": args.output_dir, "target": args.target,
             "num_threads": args.num_threads,
+            "device": args.device,
         }
         config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
         trainer = Trainer(config, resume=args.resume)

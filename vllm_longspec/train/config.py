@@ -128,6 +128,7 @@ class TrainConfig:
     autocast_dtype: str = "bfloat16"  # draft matmuls; master weights stay fp32
     target_dtype: str = "bfloat16"
     num_threads: int | None = None  # torch intra-op threads; None: torch default
+    device: str = "cpu"  # "cuda", "cuda:1", ...: untested on a GPU so far
     exclude_paths: tuple[str, ...] = ()
     exclude_list_file: str | None = "benchmarks/sources.txt"
 
@@ -149,6 +150,9 @@ class TrainConfig:
         for field in ("autocast_dtype", "target_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise TrainConfigError(f"{field} must be one of {', '.join(DTYPES)}.")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise TrainConfigError(
+                f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}.")
         if self.sliding_window < 0 or self.checkpoint_every < 1 or self.log_every < 1:
             raise TrainConfigError(
                 "sliding_window must be >= 0, checkpoint_every and log_every >= 1."

@@ -32,6 +32,12 @@ class MicroBatch:
     position_ids: torch.Tensor  # [batch, T] int64
     noise_shift: int
 
+    def to(self, device: torch.device) -> MicroBatch:
+        return dataclasses.replace(
+            self, input_ids=self.input_ids.to(device),
+            loss_mask=self.loss_mask.to(device),
+            position_ids=self.position_ids.to(device))
+
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -91,7 +97,8 @@ def micro_batch_loss(
     target_rows = None
     if target_out.final_hidden is not None:
         target_rows = target_out.final_hidden[:, :-1][has_loss]
-    row_weights = torch.full((rows.shape[0],), 1.0 / max(1, step_loss_tokens))
+    row_weights = torch.full((rows.shape[0],), 1.0 / max(1, step_loss_tokens),
+                             device=rows.device)
     return chunked_lm_head_loss(
         rows, lm_head_weight(target), labels, row_weights,
         target_hidden=target_rows, distill_weight=distill_weight,

@@ -104,12 +104,15 @@ class Trainer:
                     f"stage {stage.name!r}: seq_len {stage.seq_len} exceeds the "
                     f"target's max_position_embeddings {self.max_positions}."
                 )
-        self.target = load_target(self.target_path, DTYPES[config.target_dtype])
+        self.device = torch.device(config.device)
+        self.target = load_target(self.target_path, DTYPES[config.target_dtype]).to(
+            self.device)
         torch.manual_seed(config.seed)
         self.draft = new_draft(self.target_config, config.sliding_window, config.seed)
         if config.init_from:
             load_draft_weights(self.draft, Path(config.init_from).expanduser())
             log.info("initialised the draft from %s", config.init_from)
+        self.draft.to(self.device)
         self.draft.train()
         self.optimizer = _optimizer(self.draft, config)
         self.exclusions = ExclusionSet.from_config(
@@ -163,7 +166,8 @@ class Trainer:
         micro_batches = [
             make_micro_batch(*stream.next_batch(stage.sequences_per_micro_batch),
                              generator, stage.aoi, self.max_positions,
-                             config.aoi_max_anchors, tuple(config.noise_shift))
+                             config.aoi_max_anchors, tuple(config.noise_shift)
+                             ).to(self.device)
             for _ in range(stage.grad_accum)
         ]
         step_loss_tokens = sum(loss_tokens(mb.loss_mask) for mb in micro_batches)
@@ -178,7 +182,7 @@ class Trainer:
             )
             loss.backward()
             total_loss += loss.item()
-            stats += micro_stats
+            stats += micro_stats.cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.draft.parameters(),
                                                    config.grad_clip)
         self.optimizer.step()
