@@ -51,7 +51,8 @@ def register() -> None:
     patches.apply_all()
     install_step_timer_from_env()
     if os.environ.get(HYBRID_ATTENTION_ENV) == "1":
-        # Opt-in until tree speculation uses it (see docs/hybrid-attention.md).
+        # Opt-in for chains, where vLLM's kernel is faster; a tree config turns it
+        # on by itself (patches/engine_args.enable_tree_attention).
         from vllm_longspec.attention.backend import register_attention_backend
 
         register_attention_backend(force=True)

@@ -244,7 +244,7 @@ class HybridCPUAttentionBackend(CPUAttentionBackend):
 def register_attention_backend(force: bool = False) -> bool:
     """Override CPU_ATTN with the hybrid backend in this process (idempotent).
 
-    Opt-in for now: does nothing unless ``force`` or ``VLLM_LONGSPEC_HYBRID_ATTENTION=1``.
+    Does nothing unless ``force`` (tree mode) or ``VLLM_LONGSPEC_HYBRID_ATTENTION=1``.
     Call it from the plugin's ``register()`` (it runs in every vLLM process).
     Returns whether the override is in place.
     """
