@@ -55,8 +55,9 @@ def worker(args) -> None:
     prompt = json.loads(Path(args.prompt_file).read_text())
     speculative_config = None
     if args.draft:
-        speculative_config = {"method": "longspec", "model": args.draft,
-                              "num_speculative_tokens": args.k}
+        speculative_config = {"method": "longspec", "model": args.draft}
+        if args.k is not None:  # else the draft's recommendation
+            speculative_config["num_speculative_tokens"] = args.k
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=8192,
               enforce_eager=True, kv_cache_memory_bytes=2 << 30,
               speculative_config=speculative_config, disable_log_stats=False, seed=0)
@@ -83,6 +84,9 @@ def worker(args) -> None:
         "token_ids": token_ids,
         "decode_tokens_per_s": decode_tokens / max(end - first_token_time, 1e-9),
         "mean_accepted_length": 1 + accepted / drafts if drafts else None,
+        "num_speculative_tokens": (
+            llm.llm_engine.vllm_config.speculative_config.num_speculative_tokens
+            if speculative_config else None),
     }
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -90,8 +94,9 @@ def worker(args) -> None:
 def _run_worker(args, prompt_file: Path, draft: str | None, stream: bool) -> dict:
     command = [sys.executable, "-m", "vllm_longspec.demo", "--worker",
                "--prompt-file", str(prompt_file), "--model", args.model,
-               "--dtype", args.dtype, "--max-tokens", str(args.max_tokens),
-               "--k", str(args.k)]
+               "--dtype", args.dtype, "--max-tokens", str(args.max_tokens)]
+    if args.k is not None:
+        command += ["--k", str(args.k)]
     if draft:
         command += ["--draft", draft]
     if stream:
@@ -128,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", help="target model directory (default: SmolLM2)")
     parser.add_argument("--context-tokens", type=int, default=4000)
     parser.add_argument("--max-tokens", type=int, default=200)
-    parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument("--k", type=int, help="num_speculative_tokens (default: the "
+                        "draft's recommended value, else 4)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stream", action="store_true", help=argparse.SUPPRESS)
@@ -169,7 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nplain decoding:     {plain['decode_tokens_per_s']:7.1f} tokens/s")
     print(f"LongSpec decoding:  {spec['decode_tokens_per_s']:7.1f} tokens/s "
           f"({speedup:.2f}x)")
-    print(f"mean accepted length (incl. bonus token): {spec['mean_accepted_length']:.2f}")
+    print(f"mean accepted length (incl. bonus token): {spec['mean_accepted_length']:.2f} "
+          f"of at most {spec['num_speculative_tokens'] + 1}")
     print(f"outputs token-identical: {'yes' if identical else 'NO'}")
     if not identical and args.dtype != "float32":
         print("(in bfloat16, verifying several tokens in one forward rounds "

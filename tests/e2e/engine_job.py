@@ -110,6 +110,18 @@ def run(job: dict) -> dict:
             result["phases"][phase["name"]] = {
                 "samples": [kv_bytes_per_group(llm, p, params) for p in prompts]}
             continue
+        elif phase["mode"] == "refused":
+            # A request with these sampling settings must fail alone.
+            from vllm.exceptions import VLLMValidationError
+
+            refused = SamplingParams(max_tokens=4, **phase["sampling"])
+            try:
+                llm.generate([prompts[0]], refused, use_tqdm=False)
+            except VLLMValidationError as error:
+                result["phases"][phase["name"]] = {"error": str(error)}
+            else:
+                result["phases"][phase["name"]] = {"error": None}
+            continue
         elif phase["mode"] == "text":
             outputs = llm.generate(phase["texts"], params, use_tqdm=False)
         else:

@@ -1,5 +1,6 @@
-"""The shipped draft: it serves losslessly, it is accepted, and the offline
-accepted-length simulation (``vllm-longspec evaluate``) agrees with vLLM.
+"""The shipped draft: it serves losslessly (chains and trees), it is accepted,
+and the offline accepted-length simulation (``vllm-longspec evaluate``) agrees
+with vLLM.
 
 The simulation walks greedy chain rounds over the target's continuation using
 the training-side draft; vLLM counts rounds (``spec_decode_num_drafts``) and
@@ -56,3 +57,22 @@ def test_simulated_accepted_length_matches_vllm(shipped_run, target_dir):
     assert abs(counters["vllm:spec_decode_num_drafts"] - simulated_rounds) <= len(prompts)
     assert (abs(counters["vllm:spec_decode_num_accepted_tokens"] - simulated_accepted)
             <= K * len(prompts))
+
+
+def test_shipped_draft_drafts_lossless_trees(tmp_path, target_dir, long_prompts,
+                                             plain_outputs):
+    tree = [2, 2, 2]
+    prompts = long_prompts[:2]
+    result = run_engine_job(tmp_path, {
+        "model": str(target_dir), "prompts": prompts, "max_tokens": MAX_TOKENS,
+        "speculative_config": {"method": "longspec", "model": str(SHIPPED),
+                               "tree": tree},
+        "phases": [{"name": "batch", "mode": "batch"}],
+    })
+    phase = result["phases"]["batch"]
+    assert phase["token_ids"] == plain_outputs[:2]
+    counters = phase["counters"]
+    assert counters["vllm:spec_decode_num_draft_tokens"] == (
+        sum(tree) * counters["vllm:spec_decode_num_drafts"])
+    assert counters["vllm:spec_decode_num_accepted_tokens"] > (
+        0.05 * counters["vllm:spec_decode_num_drafts"])

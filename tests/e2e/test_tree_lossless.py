@@ -48,9 +48,13 @@ def test_greedy_replayed_branches_batched_and_single(
                 "VLLM_LONGSPEC_TEST_PROPOSER": json.dumps(
                     {"replay": str(recorded_continuations),
                      "corrupt_every": CORRUPT_EVERY})},
-        "phases": [{"name": "batch", "mode": "batch"},
+        "phases": [{"name": "refused", "mode": "refused",
+                    "sampling": {"repetition_penalty": 1.1}},
+                   {"name": "batch", "mode": "batch"},
                    {"name": "single", "mode": "single"}],
     })
+    # Refused by the front end; the engine goes on serving the next phases.
+    assert "sets repetition_penalty" in result["phases"]["refused"]["error"]
     for name in ("batch", "single"):
         phase = result["phases"][name]
         _assert_identical(phase["token_ids"], plain_outputs)

@@ -99,6 +99,7 @@ def test_requests_with_unsupported_settings_are_refused():
                                                  seed=3, max_tokens=9))
     check_request_supported("pooling", None)
     for settings, name in (({"logprobs": 2}, "logprobs"),
+                           ({"logprobs": 0}, "logprobs"),  # the sampled token's
                            ({"repetition_penalty": 1.1}, "repetition_penalty"),
                            ({"min_p": 0.1}, "min_p"),
                            ({"min_tokens": 4}, "min_tokens"),

@@ -45,6 +45,8 @@ PINNED_EXACTLY = [
     # patches/attention_metadata.py, patches/model_runner.py).
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs",
      ["self", "scheduler_output", "num_scheduled_tokens"]),
+    ("vllm.v1.engine.input_processor", "InputProcessor._validate_params",
+     ["self", "params", "supported_tasks"]),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._build_attention_metadata",
      ["self", "num_tokens", "num_reqs", "max_query_len", "num_tokens_padded",
       "num_reqs_padded", "ubatch_slices", "logits_indices", "max_num_sampled_tokens",
@@ -91,6 +93,7 @@ CALLED_WITH = [
      ["dynamic_causal", "k_scale", "v_scale", "kv_cache_dtype"]),
     ("vllm.v1.attention.backends.registry", "register_backend",
      ["backend", "class_path"]),
+    ("vllm.exceptions", "VLLMValidationError.__init__", ["message", "parameter"]),
     ("vllm.triton_utils.dispatcher", "register_kernels", ["overrides"]),
     ("vllm.platforms.cpu", "CpuPlatform.register_triton_kernel_overrides", []),
     ("vllm.model_executor.layers.attention", "Attention.__init__",
@@ -122,6 +125,12 @@ CALLED_WITH = [
 
 # (module, qualified name, substrings its source must contain): behaviours we rely on.
 SOURCE_FACTS = [
+    # The demo reads the effective K from the engine's config.
+    ("vllm.v1.engine.llm_engine", "LLMEngine.__init__",
+     ["self.vllm_config = vllm_config"]),
+    # Tree-mode request refusal reads the processor's speculative config.
+    ("vllm.v1.engine.input_processor", "InputProcessor.__init__",
+     ["self.speculative_config = vllm_config.speculative_config"]),
     # The step timer reads these scheduler-output fields.
     ("vllm.v1.core.sched.output", "SchedulerOutput",
      ["total_num_scheduled_tokens:", "num_scheduled_tokens:"]),

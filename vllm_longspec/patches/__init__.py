@@ -11,10 +11,11 @@ from vllm_longspec.patches import (
     engine_args,
     model_runner,
     prepare_inputs,
+    request_validation,
 )
 
 PATCHES = (engine_args, model_runner, prepare_inputs, attention_metadata,
-           cpu_expand_kernel)
+           cpu_expand_kernel, request_validation)
 
 
 def apply_all() -> None:

@@ -5,7 +5,9 @@ temperature, top-k, top-p and seeded generators. Settings whose meaning along a
 tree branch vLLM's chain code does not give (penalties, bad words and minimum
 lengths depend on the tokens before each slot, grammars walk one sequence,
 logprobs are reported per chain position), or that vLLM applies outside the
-rejection sampler, are refused when a request carrying them arrives.
+rejection sampler, are refused when a request carrying them arrives: by the
+front end's request validation (``patches/request_validation.py``, the request
+fails alone), and again by the worker as a safeguard.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ import torch
 
 from vllm_longspec.tree.sampling import BatchSampling
 
+# Set when not None (``logprobs=0`` still asks for the sampled token's logprob).
+NOT_NONE = object()
 # SamplingParams field -> its neutral value (None: any falsy value)
 UNSUPPORTED_SETTINGS = {
-    "logprobs": None,
-    "logprob_token_ids": None,
+    "logprobs": NOT_NONE,
+    "logprob_token_ids": NOT_NONE,
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "repetition_penalty": 1.0,
@@ -35,18 +39,24 @@ UNSUPPORTED_SETTINGS = {
 class UnsupportedTreeSamplingError(NotImplementedError):
     """A request asked for a sampling setting that tree speculation lacks."""
 
+    def __init__(self, message: str, settings: list[str]):
+        super().__init__(message)
+        self.settings = settings
 
-def check_request_supported(req_id: str, sampling_params) -> None:
-    """Raise for a request whose ``SamplingParams`` tree mode cannot honour."""
+
+def check_request_supported(req_id: str | None, sampling_params) -> None:
+    """Raise for a request whose ``SamplingParams`` tree mode cannot honour
+    (``req_id`` None: a request that has no id yet)."""
     if sampling_params is None:
         return
     used = [name for name, neutral in UNSUPPORTED_SETTINGS.items()
             if _is_set(getattr(sampling_params, name, neutral), neutral)]
     if used:
         raise UnsupportedTreeSamplingError(
-            f"Request {req_id!r} sets {', '.join(used)}, which LongSpec tree "
+            f"{'This request' if req_id is None else f'Request {req_id!r}'} sets "
+            f"{', '.join(used)}, which LongSpec tree "
             "speculation does not support yet; leave 'tree' out of "
-            "--speculative-config to draft chains.")
+            "--speculative-config to draft chains.", used)
 
 
 def batch_sampling(sampling_metadata, num_reqs: int) -> BatchSampling:
@@ -66,4 +76,6 @@ def batch_sampling(sampling_metadata, num_reqs: int) -> BatchSampling:
 
 
 def _is_set(value, neutral) -> bool:
+    if neutral is NOT_NONE:
+        return value is not None
     return bool(value) if neutral is None else value != neutral
