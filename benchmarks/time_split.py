@@ -1,6 +1,7 @@
 """Where a decode step's time goes, per method: target forward, drafting, the rest.
 
     python -m benchmarks.time_split [--prompt-id ID] [--max-tokens N] [--k K] [--batch B]
+        [--methods plain ngram longspec longspec_tree] [--tree W1 W2 ...]
 
 Decodes one prompt of ``benchmarks/prompts/longctx-v1.jsonl`` (greedy; with
 ``--batch B``, B copies of it at once, as the long-context benchmark's batched
@@ -26,9 +27,11 @@ PROMPTS = ROOT / "benchmarks" / "prompts" / "longctx-v1.jsonl"
 SHIPPED = ROOT / "vllm_longspec" / "drafts" / "smollm2-135m-instruct"
 
 
-def speculative_config(method: str, k: int) -> dict | None:
+def speculative_config(method: str, k: int, tree: list[int] | None = None) -> dict | None:
     if method == "plain":
         return None
+    if method == "longspec_tree":
+        return {"method": "longspec", "model": str(SHIPPED), "tree": tree}
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": k,
                 "prompt_lookup_min": 2, "prompt_lookup_max": 5}
@@ -42,7 +45,7 @@ def worker(args) -> None:
     prompt = json.loads(Path(args.prompt_file).read_text())
     llm = LLM(model=args.model, dtype=args.dtype, max_model_len=8192, enforce_eager=True,
               kv_cache_memory_bytes=2 << 30, seed=0, disable_log_stats=False,
-              speculative_config=speculative_config(args.method, args.k))
+              speculative_config=speculative_config(args.method, args.k, args.tree))
     outputs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * args.batch,
                            SamplingParams(temperature=0.0, max_tokens=args.max_tokens),
                            use_tqdm=False)
@@ -57,7 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1, help="copies of the prompt")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--methods", nargs="+", default=["plain", "ngram", "longspec"])
+    parser.add_argument("--methods", nargs="+", default=["plain", "ngram", "longspec"],
+                        choices=["plain", "ngram", "longspec", "longspec_tree"])
+    parser.add_argument("--tree", type=int, nargs="+", default=[2, 2, 2],
+                        help="level widths for the longspec_tree method")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/time_split.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -83,13 +89,15 @@ def main(argv: list[str] | None = None) -> None:
         command = [sys.executable, "-m", "benchmarks.time_split", "--worker",
                    "--method", method, "--model", model, "--prompt-file", str(prompt_file),
                    "--max-tokens", str(args.max_tokens), "--k", str(args.k),
-                   "--batch", str(args.batch), "--dtype", args.dtype]
+                   "--batch", str(args.batch), "--dtype", args.dtype,
+                   "--tree", *map(str, args.tree)]
         env = {**os.environ, ENV_VAR: str(split_file), "VLLM_LOGGING_LEVEL": "ERROR"}
         proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
         if proc.returncode != 0:
             sys.exit(f"{method} failed:\n{proc.stderr[-4000:]}")
         tokens = int(proc.stdout.split("TOKENS ")[-1].split()[0])
-        summary = summarise(split_file, max_tokens_per_request=args.k + 1)
+        per_request = (sum(args.tree) if method == "longspec_tree" else args.k) + 1
+        summary = summarise(split_file, max_tokens_per_request=per_request)
         # Each request's first output token comes from prefill, the others from
         # decode steps; tokens per step counts all requests of a step.
         summary["tokens_per_step"] = round(
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method:9s} " + "  ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
     Path(args.out).write_text(json.dumps({
         "prompt_id": args.prompt_id, "prompt_tokens": len(record["prompt_token_ids"]),
-        "max_tokens": args.max_tokens, "k": args.k, "batch": args.batch,
+        "max_tokens": args.max_tokens, "k": args.k, "tree": args.tree, "batch": args.batch,
         "dtype": args.dtype,
         "results": results}, indent=1) + "\n")
 

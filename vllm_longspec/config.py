@@ -20,6 +20,9 @@ MAX_NUM_SPECULATIVE_TOKENS = 16
 # kernels.checks.MAX_SPEC_TOKENS = 128 tokens per request (the hybrid tree
 # attention's mask width; tests/unit/test_config.py ties the two).
 MAX_TREE_NODES = 127
+# `"tree": true`: the shape measured best on the development machine (2-core
+# CPU, shipped draft, 4k-7k prompts; docs/tree-speculation.md, "Measured").
+DEFAULT_TREE = (2, 2, 2)
 
 DraftSampleMethod = Literal["greedy", "probabilistic"]
 
@@ -139,13 +142,15 @@ class LongSpecConfig:
 
 
 def _parse_tree(tree: Any) -> tuple[int, ...] | None:
-    if tree is None:
+    if tree is None or tree is False:
         return None
+    if tree is True:
+        return DEFAULT_TREE
     if (not isinstance(tree, (list, tuple)) or not tree
             or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in tree)):
         raise LongSpecConfigError(
             "Key 'tree' must be a non-empty list of positive level widths, e.g. "
-            f"[4, 16, 16], got {tree!r}.")
+            f"[4, 16, 16], or true for the default {list(DEFAULT_TREE)}, got {tree!r}.")
     if sum(tree) > MAX_TREE_NODES:
         raise LongSpecConfigError(
             f"Key 'tree' {list(tree)} has {sum(tree)} nodes; at most "

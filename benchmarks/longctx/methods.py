@@ -22,7 +22,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vllm_longspec.config import MAX_NUM_SPECULATIVE_TOKENS, MAX_TREE_NODES
+from vllm_longspec.config import (
+    DEFAULT_TREE,  # the plugin's `"tree": true`
+    MAX_NUM_SPECULATIVE_TOKENS,
+    MAX_TREE_NODES,
+)
 
 SpeculativeConfig = dict[str, Any] | None
 
@@ -35,7 +39,6 @@ NGRAM_CONFIG = {"method": "ngram", "num_speculative_tokens": 4,
 SUFFIX_CONFIG = {"method": "suffix"}
 
 
-DEFAULT_TREE = (4, 4, 4, 4)  # beam widths per level (docs/tree-speculation.md)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from benchmarks.longctx.prompt_file import (
 )
 from benchmarks.longctx.report import build_rows, markdown
 from benchmarks.longctx_bench import parse_args
+from vllm_longspec.config import DEFAULT_TREE
 
 TARGET_POSITIONS, TARGET_VOCAB = 8192, 49152
 
@@ -223,7 +224,7 @@ def test_methods_report_why_they_cannot_run():
     assert METHODS["longspec"].config(with_draft) == {
         "method": "longspec", "model": "/some/draft", "num_speculative_tokens": 3}
     assert METHODS["plain"].config(with_draft) is None
-    assert METHODS["longspec_tree"].config(with_draft)["tree"] == [4, 4, 4, 4]
+    assert METHODS["longspec_tree"].config(with_draft)["tree"] == list(DEFAULT_TREE)
 
 
 # --- method specs: several chains and trees in one run -------------------------
@@ -296,7 +297,7 @@ def test_method_specs_make_the_speculative_configs():
     assert parse_spec("longspec:7").config(
         MethodOptions("/some/draft", 3, (2, 2))) == chain | {"num_speculative_tokens": 7}
     assert parse_spec("longspec_tree").config(WITH_DRAFT) == chain | {
-        "tree": [4, 4, 4, 4]}
+        "tree": list(DEFAULT_TREE)}
     assert parse_spec("longspec_tree").config(
         MethodOptions("/some/draft", 4, (3, 1))) == chain | {"tree": [3, 1]}
     assert parse_spec("longspec_tree:2,2,2").config(WITH_DRAFT) == chain | {

@@ -56,6 +56,14 @@ def test_tree_widths_set_the_number_of_draft_tokens():
     ).num_draft_tokens == 4
 
 
+def test_tree_true_is_the_default_shape_and_false_a_chain():
+    from vllm_longspec.config import DEFAULT_TREE
+
+    base = {"method": "longspec", "model": "/d"}
+    assert LongSpecConfig.from_user_dict({**base, "tree": True}).tree == DEFAULT_TREE
+    assert LongSpecConfig.from_user_dict({**base, "tree": False}).tree is None
+
+
 def test_all_ones_tree_is_a_chain():
     config = LongSpecConfig.from_user_dict(
         {"method": "longspec", "model": "/d", "tree": [1, 1, 1]})
