@@ -59,20 +59,23 @@ def test_simulated_accepted_length_matches_vllm(shipped_run, target_dir):
             <= K * len(prompts))
 
 
+@pytest.mark.parametrize("tree", [[2, 2, 2], [4, 4, 4, 4]], ids=["narrow", "wide"])
 def test_shipped_draft_drafts_lossless_trees(tmp_path, target_dir, long_prompts,
-                                             plain_outputs):
-    tree = [2, 2, 2]
-    prompts = long_prompts[:2]
+                                             plain_outputs, tree):
+    """The trained draft's own trees (no replayed branches) on the 8 long
+    prompts, batched and one at a time: token-identical to plain decoding."""
     result = run_engine_job(tmp_path, {
-        "model": str(target_dir), "prompts": prompts, "max_tokens": MAX_TOKENS,
+        "model": str(target_dir), "prompts": long_prompts, "max_tokens": MAX_TOKENS,
         "speculative_config": {"method": "longspec", "model": str(SHIPPED),
                                "tree": tree},
-        "phases": [{"name": "batch", "mode": "batch"}],
+        "phases": [{"name": "batch", "mode": "batch"},
+                   {"name": "single", "mode": "single"}],
     })
-    phase = result["phases"]["batch"]
-    assert phase["token_ids"] == plain_outputs[:2]
-    counters = phase["counters"]
-    assert counters["vllm:spec_decode_num_draft_tokens"] == (
-        sum(tree) * counters["vllm:spec_decode_num_drafts"])
-    assert counters["vllm:spec_decode_num_accepted_tokens"] > (
-        0.05 * counters["vllm:spec_decode_num_drafts"])
+    for name in ("batch", "single"):
+        phase = result["phases"][name]
+        assert phase["token_ids"] == plain_outputs
+        counters = phase["counters"]
+        assert counters["vllm:spec_decode_num_draft_tokens"] == (
+            sum(tree) * counters["vllm:spec_decode_num_drafts"])
+        assert counters["vllm:spec_decode_num_accepted_tokens"] > (
+            0.05 * counters["vllm:spec_decode_num_drafts"])

@@ -144,15 +144,28 @@ def test_merge_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hybrid_equals_dense_masked_attention(dtype):
-    """prefix + tree part + merge == one softmax over prefix and visible ancestors."""
-    gen = torch.Generator().manual_seed(8)
-    rng = random.Random(8)
-    prefix_lens, spec_lens, heads, kv_heads, head_size = [0, 130, 257], [4, 16, 9], 6, 2, 64
+@pytest.mark.parametrize("path", ["extension", "torch"])
+@pytest.mark.parametrize("mask", ["tree", "chain"])
+@pytest.mark.parametrize("heads,kv_heads,head_size,seed", [
+    (6, 2, 64, 8), (8, 8, 128, 9), (9, 3, 64, 10), (16, 2, 128, 11)])
+def test_hybrid_equals_dense_masked_attention(monkeypatch, dtype, path, mask, heads,
+                                              kv_heads, head_size, seed):
+    """prefix + masked part, merged (one fused C++ pass, or torch + LSE merge)
+    == one softmax over the prefix and the visible new tokens."""
+    if path == "torch":
+        monkeypatch.setattr(cpu_hybrid, "load_cpu_extension", lambda: None)
+    elif cpu_hybrid.load_cpu_extension() is None:
+        pytest.fail("the C++ extension did not build on this machine")
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    prefix_lens = [0, 130, 257, rng.randrange(1, 3000)]
+    spec_lens = [4, 16, 9, rng.randrange(1, 128)]
     isa = _isa(dtype, head_size, 128)
     case = PagedCase(prefix_lens, kv_heads, head_size, 128, dtype, gen, isa)
     query, key, value, qsl, bits = tree_inputs(spec_lens, heads, kv_heads, head_size,
                                                dtype, gen, rng)
+    if mask == "chain":
+        bits = None
     out = nan_like(query)
     cpu_hybrid.hybrid_attention(query, key, value, case.key_half, case.value_half,
                                 case.block_table, case.prefix_lens, qsl, bits, 0.125, out,
@@ -164,8 +177,9 @@ def test_hybrid_equals_dense_masked_attention(dtype):
                           [:length], key[start:end]])
         values = torch.cat([case.values[blocks].transpose(1, 2).reshape(
             -1, kv_heads, head_size)[:length], value[start:end]])
-        visible = torch.cat([torch.ones(n, length, dtype=torch.bool),
-                             unpack_ancestor_bits(bits[start:end], n)], dim=1)
+        new_visible = (torch.ones(n, n, dtype=torch.bool).tril() if bits is None
+                       else unpack_ancestor_bits(bits[start:end], n))
+        visible = torch.cat([torch.ones(n, length, dtype=torch.bool), new_visible], dim=1)
         scores = torch.einsum("qhd,khd->hqk", query[start:end].double(),
                               keys.double().repeat_interleave(heads // kv_heads, 1)) * 0.125
         probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)

@@ -5,7 +5,10 @@ Same signatures as ``vllm_longspec.reference.hybrid_attention`` (plus
 (``csrc/paged_prefix_attention.cpp``) that reads the packed pages where they
 lie; without a compiler it falls back to a per-request gather of only the
 needed blocks and float32 torch math. The masked speculative part (at most 128
-tokens per request) and the merge are vectorised torch over the whole batch.
+tokens per request) and the merge: with the extension one C++ pass that folds
+the prefix's LSE into the masked softmax (``hybrid_attention``); else, and in
+the separate ``masked_spec_attention`` / ``merge_attention_states``,
+vectorised torch over the whole batch.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from vllm_longspec.attention.cpu_extension import load_cpu_extension
 from vllm_longspec.kernels.checks import (
     check_masked_inputs,
     check_merge_inputs,
+    check_outputs,
     check_paged_inputs,
 )
 
@@ -213,10 +217,27 @@ def hybrid_attention(
     out: torch.Tensor,  # [num_tokens, num_heads, head_size]
     cpu_isa: str | None = None,
 ) -> torch.Tensor:
-    """Prefix (paged, with LSE) + speculative part (masked, with LSE), merged."""
+    """Prefix (paged, with LSE) + speculative part (masked, with LSE), merged.
+
+    With the C++ extension the speculative part and the merge are one pass over
+    the prefix result (``merge_spec_attention``: the prefix's LSE enters the
+    masked softmax as one more term), else vectorised torch and an LSE merge.
+    """
     prefix_out, prefix_lse = paged_prefix_attention(
         query, key_cache, value_cache, block_table, prefix_lens, query_start_loc,
         scale, out=torch.empty(query.shape, dtype=torch.float32), cpu_isa=cpu_isa)
+    extension = load_cpu_extension()
+    if (extension is not None and query.shape[2] in EXTENSION_HEAD_SIZES
+            and hasattr(extension, "merge_spec_attention")):
+        check_masked_inputs(query, key, value, query_start_loc, ancestor_bits, None, None)
+        check_outputs(query, out, None)
+        no_bits = torch.empty(0, 0, dtype=torch.int32)
+        extension.merge_spec_attention(
+            query, key, value, query_start_loc.to(torch.int32).contiguous(),
+            no_bits if ancestor_bits is None else ancestor_bits.to(torch.int32),
+            float(scale), prefix_out, prefix_lse)
+        out.copy_(prefix_out)
+        return out
     spec_out, spec_lse = masked_spec_attention(
         query, key, value, query_start_loc, ancestor_bits, scale,
         out=torch.empty(query.shape, dtype=torch.float32))

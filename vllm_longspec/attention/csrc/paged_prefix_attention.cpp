@@ -367,9 +367,138 @@ void paged_prefix_attention(at::Tensor query, at::Tensor key_cache, at::Tensor v
   }
 }
 
+// The speculative part of hybrid attention, merged into the prefix result in
+// place. Query token n (index i within request r) attends the request's new
+// tokens j it may see: bit j of ancestor_bits[n] (a tree), or j <= i (a chain,
+// ancestor_bits empty). The prefix's (out, lse) enters the same softmax as one
+// more term, so the result is exactly prefix + masked part merged by their
+// LSEs. out [T, H, D] and lse [T, H] (float32) hold the prefix result on entry
+// and the hybrid result on exit.
+template <int D, typename scalar_t>
+void spec_merge(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                const at::Tensor& query_start_loc, const at::Tensor& ancestor_bits, double scale,
+                at::Tensor& out, at::Tensor& lse) {
+  const int64_t num_reqs = query_start_loc.size(0) - 1;
+  const int64_t num_heads = query.size(1), num_kv_heads = key.size(1);
+  const int64_t group = num_heads / num_kv_heads;
+  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+  const scalar_t* q_ptr = query.data_ptr<scalar_t>();
+  const scalar_t* k_ptr = key.data_ptr<scalar_t>();
+  const scalar_t* v_ptr = value.data_ptr<scalar_t>();
+  const int64_t qs0 = query.stride(0), qs1 = query.stride(1);
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1);
+  const int64_t vs0 = value.stride(0), vs1 = value.stride(1);
+  const bool tree = ancestor_bits.numel() > 0;
+  const int32_t* bits = tree ? ancestor_bits.data_ptr<int32_t>() : nullptr;
+  const int64_t bs0 = tree ? ancestor_bits.stride(0) : 0;
+  float* o_ptr = out.data_ptr<float>();
+  float* l_ptr = lse.data_ptr<float>();
+  const int64_t os0 = out.stride(0), os1 = out.stride(1);
+  const int64_t ls0 = lse.stride(0), ls1 = lse.stride(1);
+
+  at::parallel_for(0, num_reqs, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t tok0 = qsl[r], ntok = qsl[r + 1] - qsl[r];
+      scores.resize(ntok);
+      for (int64_t i = 0; i < ntok; ++i) {
+        const int64_t n = tok0 + i;
+        for (int64_t hq = 0; hq < num_heads; ++hq) {
+          const int64_t h = hq / group;
+          float q[D];
+          const scalar_t* qs = q_ptr + n * qs0 + hq * qs1;
+          for (int d = 0; d < D; ++d) q[d] = widen(qs[d]) * static_cast<float>(scale);
+          float* o = o_ptr + n * os0 + hq * os1;
+          float& row_lse = l_ptr[n * ls0 + hq * ls1];
+          float m = row_lse;
+          for (int64_t j = 0; j < ntok; ++j) {
+            const bool visible = tree ? ((bits[n * bs0 + j / 32] >> (j % 32)) & 1) : j <= i;
+            if (!visible) {
+              scores[j] = NEG_INF;
+              continue;
+            }
+            const scalar_t* ks = k_ptr + (tok0 + j) * ks0 + h * ks1;
+            float dot = 0.f;
+            for (int d = 0; d < D; ++d) dot += q[d] * widen(ks[d]);
+            scores[j] = dot;
+            m = std::max(m, dot);
+          }
+          if (m == NEG_INF) {  // nothing visible on either side
+            for (int d = 0; d < D; ++d) o[d] = 0.f;
+            row_lse = NEG_INF;
+            continue;
+          }
+          const float w_prefix = row_lse == NEG_INF ? 0.f : std::exp(row_lse - m);
+          float acc[D];
+          for (int d = 0; d < D; ++d) acc[d] = w_prefix * o[d];
+          float total = w_prefix;
+          for (int64_t j = 0; j < ntok; ++j) {
+            if (scores[j] == NEG_INF) continue;
+            const float p = std::exp(scores[j] - m);
+            total += p;
+            const scalar_t* vs = v_ptr + (tok0 + j) * vs0 + h * vs1;
+            for (int d = 0; d < D; ++d) acc[d] += p * widen(vs[d]);
+          }
+          const float inv = 1.f / total;
+          for (int d = 0; d < D; ++d) o[d] = acc[d] * inv;
+          row_lse = m + std::log(total);
+        }
+      }
+    }
+  });
+}
+
+// Shapes are validated by the Python wrapper (kernels.checks); the checks here
+// guard memory safety only.
+void merge_spec_attention(at::Tensor query, at::Tensor key, at::Tensor value,
+                          at::Tensor query_start_loc, at::Tensor ancestor_bits, double scale,
+                          at::Tensor out, at::Tensor lse) {
+  TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && value.dim() == 3);
+  TORCH_CHECK(query.stride(2) == 1 && key.stride(2) == 1 && value.stride(2) == 1 &&
+              out.stride(2) == 1, "head dim must be contiguous");
+  TORCH_CHECK(key.scalar_type() == query.scalar_type() && value.scalar_type() == query.scalar_type());
+  TORCH_CHECK(out.scalar_type() == at::kFloat && lse.scalar_type() == at::kFloat,
+              "out and lse must be float32");
+  TORCH_CHECK(query_start_loc.scalar_type() == at::kInt && query_start_loc.is_contiguous());
+  TORCH_CHECK(ancestor_bits.numel() == 0 ||
+              (ancestor_bits.scalar_type() == at::kInt && ancestor_bits.stride(1) == 1 &&
+               ancestor_bits.size(0) == query.size(0)));
+  if (ancestor_bits.numel() > 0) {
+    const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+    for (int64_t r = 0; r + 1 < query_start_loc.size(0); ++r)
+      TORCH_CHECK(qsl[r + 1] - qsl[r] <= ancestor_bits.size(1) * 32,
+                  "a request has more new tokens than ancestor_bits has bits");
+  }
+#define LONGSPEC_SPEC_MERGE(D)                                                              \
+  switch (query.scalar_type()) {                                                            \
+    case at::kFloat:                                                                        \
+      return spec_merge<D, float>(query, key, value, query_start_loc, ancestor_bits, scale, \
+                                  out, lse);                                                \
+    case at::kBFloat16:                                                                     \
+      return spec_merge<D, at::BFloat16>(query, key, value, query_start_loc, ancestor_bits, \
+                                         scale, out, lse);                                  \
+    case at::kHalf:                                                                         \
+      return spec_merge<D, at::Half>(query, key, value, query_start_loc, ancestor_bits,     \
+                                     scale, out, lse);                                      \
+    default:                                                                                \
+      TORCH_CHECK(false, "merge_spec_attention: unsupported dtype ", query.scalar_type());  \
+  }
+  switch (query.size(2)) {
+    case 64:
+      LONGSPEC_SPEC_MERGE(64)
+    case 128:
+      LONGSPEC_SPEC_MERGE(128)
+    default:
+      TORCH_CHECK(false, "merge_spec_attention: head size ", query.size(2), " not compiled");
+  }
+#undef LONGSPEC_SPEC_MERGE
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_prefix_attention", &paged_prefix_attention,
         "Paged prefix attention with LSE over vLLM's CPU cache (vec packing)");
+  m.def("merge_spec_attention", &merge_spec_attention,
+        "Masked attention over the new tokens, merged into a prefix result in place");
 }
