@@ -39,8 +39,6 @@ NGRAM_CONFIG = {"method": "ngram", "num_speculative_tokens": 4,
 SUFFIX_CONFIG = {"method": "suffix"}
 
 
-
-
 @dataclass(frozen=True)
 class MethodOptions:
     draft: str | None  # LongSpec draft directory

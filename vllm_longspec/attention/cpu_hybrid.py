@@ -227,8 +227,7 @@ def hybrid_attention(
         query, key_cache, value_cache, block_table, prefix_lens, query_start_loc,
         scale, out=torch.empty(query.shape, dtype=torch.float32), cpu_isa=cpu_isa)
     extension = load_cpu_extension()
-    if (extension is not None and query.shape[2] in EXTENSION_HEAD_SIZES
-            and hasattr(extension, "merge_spec_attention")):
+    if extension is not None and query.shape[2] in EXTENSION_HEAD_SIZES:
         check_masked_inputs(query, key, value, query_start_loc, ancestor_bits, None, None)
         check_outputs(query, out, None)
         no_bits = torch.empty(0, 0, dtype=torch.int32)
