@@ -11,9 +11,9 @@ cache (as after the layer's KV update):
 - dense:  per request, gather prefix K/V out of the cache, append the new
           tokens, one ``scaled_dot_product_attention`` with a boolean mask.
 
-Timings are medians of interleaved repeats (the three methods alternate inside
-each repeat, with a cache flush before each call), so load from other processes
-hits all three alike. Geometry: SmolLM2-135M (9 query / 3 kv heads, head 64),
+Timings are medians of interleaved repeats (the three methods run in a shuffled
+order inside each repeat, with a cache flush before each call), so load from
+other processes hits all three alike. Geometry: SmolLM2-135M (9 query / 3 kv heads, head 64),
 block size 128. Writes benchmarks/results/attention_microbench.{json,md}.
 
     python benchmarks/attention_microbench.py [--repeats 5] [--threads N] [--quick]
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -133,13 +134,15 @@ class Setup:
         return out
 
 
-def measure(setup, repeats, flush):
+def measure(setup, repeats, flush, rng):
     methods = {"stock": setup.stock, "hybrid": setup.hybrid, "dense": setup.dense}
     for fn in methods.values():
         fn()  # warm-up
     times = {name: [] for name in methods}
     for _ in range(repeats):
-        for name, fn in methods.items():
+        order = list(methods.items())
+        rng.shuffle(order)  # no method always runs right after another
+        for name, fn in order:
             flush.add_(1.0)  # evict the cache from CPU caches
             start = time.perf_counter()
             fn()
@@ -164,6 +167,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
+    rng = random.Random(0)
     dtypes = [torch.float32, torch.bfloat16]
     batches, contexts, specs = [1, 8], [1024, 4096, 8192], [5, 16, 64]
     if args.quick:
@@ -178,7 +182,7 @@ def main():
             for context in contexts:
                 for spec in specs:
                     setup = Setup(dtype, batch, context, spec, gen)
-                    ms = measure(setup, args.repeats, flush)
+                    ms = measure(setup, args.repeats, flush, rng)
                     row = {"dtype": str(dtype).removeprefix("torch."), "batch": batch,
                            "context": context, "spec_tokens": spec, "isa": setup.isa,
                            **{f"{k}_ms": round(v, 4) for k, v in ms.items()},

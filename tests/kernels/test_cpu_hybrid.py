@@ -144,18 +144,26 @@ def test_merge_matches_reference(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["extension", "torch"])
+@pytest.mark.parametrize("path", ["extension", "extension-split-1", "extension-1-thread",
+                                  "torch"])
 @pytest.mark.parametrize("mask", ["tree", "chain"])
 @pytest.mark.parametrize("heads,kv_heads,head_size,seed", [
     (6, 2, 64, 8), (8, 8, 128, 9), (9, 3, 64, 10), (16, 2, 128, 11)])
-def test_hybrid_equals_dense_masked_attention(monkeypatch, dtype, path, mask, heads,
-                                              kv_heads, head_size, seed):
-    """prefix + masked part, merged (one fused C++ pass, or torch + LSE merge)
-    == one softmax over the prefix and the visible new tokens."""
+def test_hybrid_equals_dense_masked_attention(monkeypatch, request, dtype, path, mask,
+                                              heads, kv_heads, head_size, seed):
+    """prefix + masked part (one C++ softmax, with its own or one-block prefix
+    splits, or torch + LSE merge) == one softmax over the prefix and the
+    visible new tokens."""
     if path == "torch":
         monkeypatch.setattr(cpu_hybrid, "load_cpu_extension", lambda: None)
     elif cpu_hybrid.load_cpu_extension() is None:
         pytest.fail("the C++ extension did not build on this machine")
+    if path == "extension-split-1":
+        monkeypatch.setattr(cpu_hybrid, "SPLIT_BLOCKS", 1)
+    if path == "extension-1-thread":  # the kernel's own choice: no splits
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     prefix_lens = [0, 130, 257, rng.randrange(1, 3000)]

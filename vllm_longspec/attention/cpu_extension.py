@@ -18,7 +18,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 EXTENSION_ENV = "VLLM_LONGSPEC_CPU_EXTENSION"
-SOURCE = Path(__file__).parent / "csrc" / "paged_prefix_attention.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "hybrid_attention.cpp"
 
 
 def _cpu_flags_digest() -> str:

@@ -1,14 +1,11 @@
 """CPU fast paths of hybrid tree attention, reading vLLM's CPU cache in place.
 
 Same signatures as ``vllm_longspec.reference.hybrid_attention`` (plus
-``cpu_isa``). The paged prefix runs in a small C++ kernel
-(``csrc/paged_prefix_attention.cpp``) that reads the packed pages where they
-lie; without a compiler it falls back to a per-request gather of only the
-needed blocks and float32 torch math. The masked speculative part (at most 128
-tokens per request) and the merge: with the extension one C++ pass that folds
-the prefix's LSE into the masked softmax (``hybrid_attention``); else, and in
-the separate ``masked_spec_attention`` / ``merge_attention_states``,
-vectorised torch over the whole batch.
+``cpu_isa``). With the small C++ extension (``csrc/hybrid_attention.cpp``) the
+paged prefix and the masked new tokens are one kernel call: the new tokens are
+one more block of the same online softmax, so no separate merge is needed.
+Without a compiler: a per-request gather of only the needed prefix blocks,
+vectorised torch for the masked part over the whole batch, and an LSE merge.
 """
 
 from __future__ import annotations
@@ -25,14 +22,15 @@ from vllm_longspec.attention.cpu_extension import load_cpu_extension
 from vllm_longspec.kernels.checks import (
     check_masked_inputs,
     check_merge_inputs,
-    check_outputs,
     check_paged_inputs,
 )
 
 EXTENSION_HEAD_SIZES = (64, 128)
-# Work items per thread the prefix kernel aims for (splits of long prefixes).
-TASKS_PER_THREAD = 8
-MIN_BLOCKS_PER_SPLIT = 2
+# Prefix blocks per work item of the C++ kernel; 0 = its own choice (split long
+# prefixes only when several threads would otherwise idle). Tests force splits.
+SPLIT_BLOCKS = 0
+_NO_TENSOR = torch.empty(0)
+_NO_BITS = torch.empty(0, 0, dtype=torch.int32)
 
 
 def paged_prefix_attention(
@@ -56,39 +54,50 @@ def paged_prefix_attention(
     """
     check_paged_inputs(query, key_cache, value_cache, block_table, prefix_lens,
                        query_start_loc, out, lse_out)
-    if cpu_isa is not None and cpu_isa not in DECODED_ISAS:
-        raise ValueError(f"CPU cache packing {cpu_isa!r} is not decoded "
-                         f"(known: {DECODED_ISAS})")
     num_tokens, num_heads, head_size = query.shape
     if lse_out is None:
         lse_out = torch.empty(num_tokens, num_heads, dtype=torch.float32)
-    result = out if out is not None and out.dtype == torch.float32 else torch.empty(
-        num_tokens, num_heads, head_size, dtype=torch.float32)
-
-    keys, values, amx = key_cache, value_cache, cpu_isa == "amx"
-    if cpu_isa in STRIDED_ISAS:
-        keys, values = logical_kv_views(key_cache, value_cache, cpu_isa)
-    extension = load_cpu_extension()
-    if (extension is not None and head_size in EXTENSION_HEAD_SIZES
-            and (amx or (keys.stride(2) == 1 and values.stride(3) == 1))):
-        block_size = key_cache.shape[2]
-        prefix_lens = prefix_lens.contiguous()
-        total_blocks = int(((prefix_lens + block_size - 1) // block_size).sum())
-        target_tasks = TASKS_PER_THREAD * torch.get_num_threads()
-        blocks_per_split = max(MIN_BLOCKS_PER_SPLIT,
-                               -(-total_blocks * keys.shape[1] // target_tasks))
-        extension.paged_prefix_attention(
-            query, keys, values, block_table, prefix_lens,
-            query_start_loc.contiguous(), float(scale), blocks_per_split, amx, result,
-            lse_out)
-    else:
-        _torch_prefix_attention(query, keys, values, block_table, prefix_lens,
-                                query_start_loc, scale, cpu_isa, result, lse_out)
     if out is None:
-        out = result.to(query.dtype)
-    elif out is not result:
+        out = torch.empty_like(query)
+    keys, values = _kv_views(key_cache, value_cache, cpu_isa)
+    if _extension_takes(query, keys, values, cpu_isa):
+        _extension_call(query, _NO_TENSOR, _NO_TENSOR, keys, values, block_table,
+                        prefix_lens, query_start_loc, None, scale, cpu_isa, out, lse_out)
+        return out, lse_out
+    result = out if out.dtype == torch.float32 else torch.empty(
+        num_tokens, num_heads, head_size, dtype=torch.float32)
+    _torch_prefix_attention(query, keys, values, block_table, prefix_lens,
+                            query_start_loc, scale, cpu_isa, result, lse_out)
+    if out is not result:
         out.copy_(result)
     return out, lse_out
+
+
+def _kv_views(key_cache, value_cache, cpu_isa):
+    """Logical (block, head, token, dim) views where the packing has them."""
+    if cpu_isa is not None and cpu_isa not in DECODED_ISAS:
+        raise ValueError(f"CPU cache packing {cpu_isa!r} is not decoded "
+                         f"(known: {DECODED_ISAS})")
+    if cpu_isa in STRIDED_ISAS:
+        return logical_kv_views(key_cache, value_cache, cpu_isa)
+    return key_cache, value_cache
+
+
+def _extension_takes(query, keys, values, cpu_isa) -> bool:
+    return (load_cpu_extension() is not None and query.shape[2] in EXTENSION_HEAD_SIZES
+            and (cpu_isa == "amx" or (keys.stride(2) == 1 and values.stride(3) == 1)))
+
+
+def _extension_call(query, key, value, keys, values, block_table, prefix_lens,
+                    query_start_loc, ancestor_bits, scale, cpu_isa, out, lse_out) -> None:
+    """The C++ kernel writes float32 or the query dtype; other outputs via a copy."""
+    result = out if out.dtype in (torch.float32, query.dtype) else torch.empty_like(query)
+    load_cpu_extension().hybrid_attention(
+        query, key, value, keys, values, block_table, prefix_lens.contiguous(),
+        query_start_loc.contiguous(), _NO_BITS if ancestor_bits is None else ancestor_bits,
+        float(scale), SPLIT_BLOCKS, cpu_isa == "amx", result, lse_out)
+    if result is not out:
+        out.copy_(result)
 
 
 def _torch_prefix_attention(query, keys, values, block_table, prefix_lens,
@@ -217,29 +226,25 @@ def hybrid_attention(
     out: torch.Tensor,  # [num_tokens, num_heads, head_size]
     cpu_isa: str | None = None,
 ) -> torch.Tensor:
-    """Prefix (paged, with LSE) + speculative part (masked, with LSE), merged.
+    """Prefix (paged) + speculative part (masked): one softmax over both.
 
-    With the C++ extension the speculative part and the merge are one pass over
-    the prefix result (``merge_spec_attention``: the prefix's LSE enters the
-    masked softmax as one more term), else vectorised torch and an LSE merge.
+    With the C++ extension one kernel call (the new tokens are one more block of
+    the prefix's online softmax), else the prefix with its LSE, the masked part
+    with its LSE (vectorised torch) and an exact LSE merge.
     """
+    check_masked_inputs(query, key, value, query_start_loc, ancestor_bits, out, None)
+    keys, values = _kv_views(key_cache, value_cache, cpu_isa)
+    if _extension_takes(query, keys, values, cpu_isa):
+        check_paged_inputs(query, keys, values, block_table, prefix_lens, query_start_loc,
+                           out, None)
+        _extension_call(query, key, value, keys, values, block_table, prefix_lens,
+                        query_start_loc, ancestor_bits, scale, cpu_isa, out, _NO_TENSOR)
+        return out
     prefix_out, prefix_lse = paged_prefix_attention(
         query, key_cache, value_cache, block_table, prefix_lens, query_start_loc,
         scale, out=torch.empty(query.shape, dtype=torch.float32), cpu_isa=cpu_isa)
-    extension = load_cpu_extension()
-    if extension is not None and query.shape[2] in EXTENSION_HEAD_SIZES:
-        check_masked_inputs(query, key, value, query_start_loc, ancestor_bits, None, None)
-        check_outputs(query, out, None)
-        no_bits = torch.empty(0, 0, dtype=torch.int32)
-        extension.merge_spec_attention(
-            query, key, value, query_start_loc.to(torch.int32).contiguous(),
-            no_bits if ancestor_bits is None else ancestor_bits.to(torch.int32),
-            float(scale), prefix_out, prefix_lse)
-        out.copy_(prefix_out)
-        return out
     spec_out, spec_lse = masked_spec_attention(
         query, key, value, query_start_loc, ancestor_bits, scale,
         out=torch.empty(query.shape, dtype=torch.float32))
     merge_attention_states(prefix_out, prefix_lse, spec_out, spec_lse, out=out)
     return out
-
