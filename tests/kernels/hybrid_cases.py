@@ -108,3 +108,26 @@ class PagedCase:
         kv = kv.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)  # NHD physical
         head_size = self.keys.shape[-1]
         return kv[..., :head_size], kv[..., head_size:]
+
+
+def dense_hybrid_reference(case, qsl, query, key, value, new_visible, scale):
+    """float64 softmax of each request's query tokens over its whole committed
+    prefix in ``case`` and the new tokens ``new_visible[r]`` ([n, n] bool) lets
+    them see. ``key``/``value``: the new tokens'. Returns [tokens, heads, head]."""
+    num_kv_heads, block_size, head_size = case.keys.shape[1:]
+    group = query.shape[1] // num_kv_heads
+    expected = torch.empty(query.shape, dtype=torch.float64)
+    for r, (start, end) in enumerate(zip(qsl[:-1].tolist(), qsl[1:].tolist(), strict=True)):
+        n, length = end - start, int(case.prefix_lens[r])
+        blocks = case.block_table[r, : -(-length // block_size)].long()
+        keys = torch.cat([case.keys[blocks].transpose(1, 2).reshape(-1, num_kv_heads,
+                                                                   head_size)[:length],
+                          key[start:end]]).double().repeat_interleave(group, 1)
+        values = torch.cat([case.values[blocks].transpose(1, 2).reshape(
+            -1, num_kv_heads, head_size)[:length], value[start:end]]).double()
+        visible = torch.cat([torch.ones(n, length, dtype=torch.bool), new_visible[r]], dim=1)
+        scores = torch.einsum("qhd,khd->hqk", query[start:end].double(), keys) * scale
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
+        expected[start:end] = torch.einsum("hqk,khd->qhd", probs,
+                                           values.repeat_interleave(group, 1))
+    return expected

@@ -10,6 +10,7 @@ from hybrid_cases import (
     PagedCase,
     assert_close,
     assert_lse_close,
+    dense_hybrid_reference,
     nan_like,
     query_start_loc,
     tree_inputs,
@@ -178,22 +179,12 @@ def test_hybrid_equals_dense_masked_attention(monkeypatch, request, dtype, path,
     cpu_hybrid.hybrid_attention(query, key, value, case.key_half, case.value_half,
                                 case.block_table, case.prefix_lens, qsl, bits, 0.125, out,
                                 cpu_isa=isa)
-    for r, (start, end) in enumerate(zip(qsl[:-1].tolist(), qsl[1:].tolist(), strict=True)):
-        n, length = end - start, prefix_lens[r]
-        blocks = case.block_table[r, : -(-length // 128)].long()
-        keys = torch.cat([case.keys[blocks].transpose(1, 2).reshape(-1, kv_heads, head_size)
-                          [:length], key[start:end]])
-        values = torch.cat([case.values[blocks].transpose(1, 2).reshape(
-            -1, kv_heads, head_size)[:length], value[start:end]])
-        new_visible = (torch.ones(n, n, dtype=torch.bool).tril() if bits is None
-                       else unpack_ancestor_bits(bits[start:end], n))
-        visible = torch.cat([torch.ones(n, length, dtype=torch.bool), new_visible], dim=1)
-        scores = torch.einsum("qhd,khd->hqk", query[start:end].double(),
-                              keys.double().repeat_interleave(heads // kv_heads, 1)) * 0.125
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(-1)
-        expected = torch.einsum("hqk,khd->qhd", probs,
-                                values.double().repeat_interleave(heads // kv_heads, 1))
-        assert_close(out[start:end], expected, dtype)
+    lens = (qsl[1:] - qsl[:-1]).tolist()
+    new_visible = [torch.ones(n, n, dtype=torch.bool).tril() if bits is None
+                   else unpack_ancestor_bits(bits[qsl[r]:qsl[r + 1]], n)
+                   for r, n in enumerate(lens)]
+    expected = dense_hybrid_reference(case, qsl, query, key, value, new_visible, 0.125)
+    assert_close(out, expected, dtype)
 
 
 def test_bad_arguments_raise_value_errors():

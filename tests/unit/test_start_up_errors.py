@@ -59,6 +59,30 @@ def test_tree_reserves_its_nodes_and_switches_tree_attention_on(
     assert os.environ[backend.ENABLE_ENV] == "1"  # for the engine's processes
 
 
+def test_tree_on_a_gpu_needs_the_gpu_switch(monkeypatch):
+    """The GPU hybrid backend has never run on a GPU: trees there are opt-in."""
+    from vllm.platforms import current_platform
+
+    from vllm_longspec.attention import backend
+    from vllm_longspec.kernels.tuning import GPU_ENV
+    from vllm_longspec.patches.engine_args import (
+        UnsupportedConfigurationError,
+        enable_tree_attention,
+    )
+
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+    monkeypatch.delenv(GPU_ENV, raising=False)
+    with pytest.raises(UnsupportedConfigurationError, match=f"{GPU_ENV}=1"):
+        enable_tree_attention()
+    registered = []
+    monkeypatch.setattr(backend, "register_attention_backend",
+                        lambda force=False: registered.append(force))
+    monkeypatch.setenv(backend.ENABLE_ENV, "0")
+    monkeypatch.setenv(GPU_ENV, "1")
+    enable_tree_attention()
+    assert registered == [True]
+
+
 def test_without_longspec_vllm_is_unchanged(target_dir):
     config = _engine_config(target_dir, {"method": "ngram", "num_speculative_tokens": 2,
                                          "prompt_lookup_max": 3})

@@ -60,6 +60,15 @@ PINNED_EXACTLY = [
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward",
      ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
       "output_scale", "output_block_scale"]),
+    # GPU hybrid backend (vllm_longspec/attention/gpu_backend.py, untested on GPU).
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionMetadataBuilder.build",
+     ["self", "common_prefix_len", "common_attn_metadata", "fast_build"]),
+    ("vllm.v1.attention.backends.flash_attn",
+     "FlashAttentionMetadataBuilder.get_cudagraph_support",
+     ["vllm_config", "kv_cache_spec"]),
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl.forward",
+     ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
+      "output_scale", "output_block_scale"]),
     # The step timer (vllm_longspec/profiling.py, VLLM_LONGSPEC_TIME_SPLIT).
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model",
      ["self", "scheduler_output", "intermediate_tensors"]),
@@ -154,6 +163,14 @@ SOURCE_FACTS = [
      "CPUAttentionMetadataBuilder._set_isa_to_layers", ["layer.isa = self.isa"]),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward",
      ["kv_cache.view((num_blocks, num_kv_heads, block_size * 2, -1))"]),
+    # The GPU hybrid backend splits the cache as FlashAttention's forward does.
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl.forward",
+     ["kv_cache.transpose(1, 2).split(self.head_size, dim=-1)",
+      "self.vllm_flash_attn_version"]),
+    ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl.__init__",
+     ["self.sliding_window = (-1, -1)", "self.sinks = sinks"]),
+    ("vllm.v1.attention.backends.fa_utils", "is_flash_attn_varlen_func_available",
+     []),
     # The CPU platform registers its kernel stand-ins after plugins load,
     # and expand_batch_to_tokens expands per-request floats with that kernel.
     ("vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker",
@@ -251,6 +268,17 @@ def test_config_fields_we_read_and_write():
             "seq_lens", "block_table", "slot_mapping", "scheduler_metadata", "causal",
             "num_decode_tokens"} <= set(CPUAttentionMetadata.__dataclass_fields__)
     assert AttentionBackendEnum.CPU_ATTN.name == "CPU_ATTN"
+    assert AttentionBackendEnum.FLASH_ATTN.name == "FLASH_ATTN"
+    assert {"query_start_loc_cpu", "max_seq_len"} <= set(
+        CommonAttentionMetadata.__dataclass_fields__)
+
+    from vllm.v1.attention.backend import AttentionCGSupport, AttentionImplBase
+    from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
+
+    assert {"causal", "query_start_loc", "seq_lens", "block_table"} <= set(
+        FlashAttentionMetadata.__dataclass_fields__)
+    assert AttentionCGSupport.NEVER.value == 0
+    assert "dcp_world_size" in AttentionImplBase.__annotations__
 
 
 def test_tree_mode_reads_and_returns_these():

@@ -33,8 +33,7 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm_longspec.attention.cpu_cache import split_kv_pages
 from vllm_longspec.attention.cpu_extension import load_cpu_extension
 from vllm_longspec.attention.cpu_hybrid import hybrid_attention
-from vllm_longspec.attention.spec_trees import get_spec_trees, tree_rows_of_batch
-from vllm_longspec.attention.tree_mask import MAX_SPEC_TOKENS, pack_ancestor_bits
+from vllm_longspec.attention.tree_rows import TreeRows, find_tree_masks, sub_batch
 
 ENABLE_ENV = "VLLM_LONGSPEC_HYBRID_ATTENTION"
 # Tests: a file created the first time a process runs the hybrid path, so an
@@ -50,18 +49,7 @@ def _mark_hybrid_used() -> None:
         open(marker, "a").close()
         _marked = True
 BACKEND_CLASS_PATH = "vllm_longspec.attention.backend.HybridCPUAttentionBackend"
-
-
-@dataclasses.dataclass
-class TreeRows:
-    """The rows verified by hybrid attention, as a compact sub-batch."""
-
-    rows: list[int]
-    token_index: torch.Tensor  # [num_tree_tokens] int64, into the batch's tokens
-    query_start_loc: torch.Tensor  # [num_tree_rows + 1] int32
-    prefix_lens: torch.Tensor  # [num_tree_rows] int32: committed tokens in the cache
-    block_table: torch.Tensor  # [num_tree_rows, max_blocks] int32
-    ancestor_bits: torch.Tensor  # [num_tree_tokens, 4] int32
+GPU_BACKEND_CLASS_PATH = "vllm_longspec.attention.gpu_backend.HybridFlashAttentionBackend"
 
 
 @dataclasses.dataclass
@@ -86,14 +74,6 @@ class HybridCPUAttentionMetadata(CPUAttentionMetadata):
     hybrid_plan: HybridPlan | None = None
 
 
-def _sub_batch(query_start_loc: list[int], rows: list[int]):
-    """Token indices and the compact query_start_loc of ``rows``."""
-    spans = [torch.arange(query_start_loc[r], query_start_loc[r + 1]) for r in rows]
-    lens = [query_start_loc[r + 1] - query_start_loc[r] for r in rows]
-    starts = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    return torch.cat(spans), starts
-
-
 class HybridCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -109,31 +89,19 @@ class HybridCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
         num_reqs = common.num_reqs
         qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
         query_lens = [qsl[r + 1] - qsl[r] for r in range(num_reqs)]
-        trees = get_spec_trees()
-        if trees is not None and not trees.applies_to(self.layer_names):
-            trees = None  # e.g. the draft's layers during the target's build
-        if trees is None and self.window_size != -1:
-            return None  # chains only: sliding-window layers keep vLLM's kernel
-        masks = tree_rows_of_batch(trees, query_lens, MAX_SPEC_TOKENS)
+        # Chain rows of sliding-window layers keep vLLM's kernel (debug switch).
+        masks = find_tree_masks(self.layer_names, query_lens,
+                                chains_too=self.window_size == -1)
         if not masks:
             return None
         self._check_tree_support()
         seq_lens = metadata.seq_lens[:num_reqs]
-        tree_rows = sorted(masks)
-        token_index, tree_qsl = _sub_batch(qsl, tree_rows)
-        rows = torch.tensor(tree_rows)
-        tree = TreeRows(
-            rows=tree_rows,
-            token_index=token_index,
-            query_start_loc=tree_qsl,
-            prefix_lens=(seq_lens[rows] - (tree_qsl[1:] - tree_qsl[:-1])).to(torch.int32),
-            block_table=metadata.block_table[rows].contiguous(),
-            ancestor_bits=pack_ancestor_bits([masks[r] for r in tree_rows]),
-        )
+        tree = TreeRows.build(masks, qsl, seq_lens, metadata.block_table,
+                              common.max_seq_len)
         stock_rows = [r for r in range(num_reqs) if r not in masks and query_lens[r] > 0]
         stock = None
         if stock_rows:
-            stock_index, stock_qsl = _sub_batch(qsl, stock_rows)
+            stock_index, stock_qsl = sub_batch(qsl, stock_rows)
             stock_seq_lens = seq_lens[torch.tensor(stock_rows)].to(torch.int32)
             stock = StockRows(
                 token_index=stock_index,
@@ -242,7 +210,9 @@ class HybridCPUAttentionBackend(CPUAttentionBackend):
 
 
 def register_attention_backend(force: bool = False) -> bool:
-    """Override CPU_ATTN with the hybrid backend in this process (idempotent).
+    """Override the platform's attention backend with the hybrid one in this
+    process (idempotent): CPU_ATTN on CPU; FLASH_ATTN on GPU, only with the GPU
+    switch ``VLLM_LONGSPEC_GPU=1`` (that backend is untested on GPU).
 
     Does nothing unless ``force`` (tree mode) or ``VLLM_LONGSPEC_HYBRID_ATTENTION=1``.
     Call it from the plugin's ``register()`` (it runs in every vLLM process).
@@ -250,10 +220,20 @@ def register_attention_backend(force: bool = False) -> bool:
     """
     if not force and os.environ.get(ENABLE_ENV, "0") != "1":
         return False
+    from vllm.platforms import current_platform
     from vllm.v1.attention.backends.registry import (
         AttentionBackendEnum,
         register_backend,
     )
 
-    register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_CLASS_PATH)
+    from vllm_longspec.kernels.tuning import GPU_ENV, gpu_paths_enabled
+
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_CLASS_PATH)
+        return True
+    if not gpu_paths_enabled():
+        raise RuntimeError(
+            "hybrid tree attention on a GPU uses a FlashAttention backend that has "
+            f"never run on a GPU; set {GPU_ENV}=1 to use it anyway, or draft chains")
+    register_backend(AttentionBackendEnum.FLASH_ATTN, GPU_BACKEND_CLASS_PATH)
     return True

@@ -109,10 +109,13 @@ def enable_tree_attention() -> None:
     every process started from here (the plugin reads the variable)."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
+    from vllm_longspec.kernels.tuning import GPU_ENV, gpu_paths_enabled
+
+    if not current_platform.is_cpu() and not gpu_paths_enabled():
         raise UnsupportedConfigurationError(
-            "LongSpec key 'tree' needs vLLM's CPU backend for now: the hybrid tree "
-            "attention backend exists for CPU only. Leave 'tree' out to draft chains.")
+            "LongSpec key 'tree' on a GPU needs the hybrid FlashAttention backend, "
+            f"which has never run on a GPU: set {GPU_ENV}=1 to use it anyway (untested), "
+            "or leave 'tree' out to draft chains.")
     from vllm_longspec.attention.backend import ENABLE_ENV, register_attention_backend
 
     os.environ[ENABLE_ENV] = "1"

@@ -1,0 +1,184 @@
+"""Hybrid tree attention as vLLM's FlashAttention backend (GPU target verification).
+
+UNTESTED ON GPU: this project has had no GPU. It is used only behind the one GPU
+switch ``VLLM_LONGSPEC_GPU=1`` (``kernels/tuning.py``); its tree path
+(``verify_tree_rows`` with the Triton prefix kernel) runs in tests under the
+Triton interpreter on CPU tensors.
+
+Target: ``vllm.v1.attention.backends.flash_attn.FlashAttentionBackend``
+(FLASH_ATTN), overridden through vLLM's backend registry; ``get_name()`` stays
+"FLASH_ATTN".
+How: the metadata builder runs vLLM's build, then adds ``TreeRows``
+(``tree_rows.py``) when a ``SpecTreeBatch`` applies to its layers. The impl runs
+vLLM's forward for the whole batch, then recomputes the tree rows: paged prefix
+attention with its log-sum-exp (FlashAttention: the ``flash-attn`` package when
+installed, else the copy bundled with vLLM, else the Triton prefix kernel), the
+masked tree part (Triton) and the exact LSE merge (Triton), written over those
+rows. Attention stays outside CUDA graphs (the builder declares no graph support:
+the tree plan is host-side work per step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import torch
+from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
+from vllm.v1.attention.backends.flash_attn import (
+    FlashAttentionBackend,
+    FlashAttentionImpl,
+    FlashAttentionMetadata,
+    FlashAttentionMetadataBuilder,
+)
+
+from vllm_longspec.attention.tree_rows import TreeRows, find_tree_masks
+from vllm_longspec.kernels import masked_spec_attention as masked_kernel
+from vllm_longspec.kernels import merge_attention_states as merge_kernel
+from vllm_longspec.kernels import paged_prefix_attention as prefix_kernel
+
+# (query, key_cache, value_cache, plan, scale) -> (out, lse [tokens, heads] fp32);
+# caches in FlashAttention's layout [num_blocks, block_size, num_kv_heads, head].
+PrefixFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def triton_prefix(query, key_cache, value_cache, plan: TreeRows, scale: float):
+    """The Triton FlashDecoding prefix kernel over the same pages."""
+    return prefix_kernel.paged_prefix_attention(
+        query, key_cache.transpose(1, 2), value_cache.transpose(1, 2), plan.block_table,
+        plan.prefix_lens, plan.query_start_loc, scale,
+        max_tokens_per_req=plan.max_query_len, max_prefix_len=plan.max_prefix_len)
+
+
+def _flash_attn_package_prefix(varlen, query, key_cache, value_cache, plan, scale):
+    cu_seqlens_k = torch.nn.functional.pad(plan.prefix_lens.cumsum(0, dtype=torch.int32),
+                                           (1, 0))
+    out, lse, _ = varlen(
+        query, key_cache, value_cache, cu_seqlens_q=plan.query_start_loc,
+        cu_seqlens_k=cu_seqlens_k, max_seqlen_q=plan.max_query_len,
+        max_seqlen_k=plan.max_prefix_len, softmax_scale=scale, causal=False,
+        block_table=plan.block_table, return_attn_probs=True)
+    return out, lse.transpose(0, 1).contiguous()  # [heads, tokens] -> [tokens, heads]
+
+
+def _vllm_flash_attn_prefix(varlen, fa_version, query, key_cache, value_cache, plan,
+                            scale):
+    out, lse = varlen(
+        q=query, k=key_cache, v=value_cache, cu_seqlens_q=plan.query_start_loc,
+        max_seqlen_q=plan.max_query_len, seqused_k=plan.prefix_lens,
+        max_seqlen_k=plan.max_prefix_len, softmax_scale=scale, causal=False,
+        block_table=plan.block_table, return_softmax_lse=True, fa_version=fa_version)
+    return out, lse.transpose(0, 1).contiguous()
+
+
+@functools.cache
+def flash_prefix(fa_version: int | None) -> tuple[str, PrefixFn]:
+    """The prefix attention this machine has: ``(name, function)``."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # the `gpu` extra
+
+        return "flash-attn", functools.partial(_flash_attn_package_prefix,
+                                               flash_attn_varlen_func)
+    except ImportError:
+        pass
+    from vllm.v1.attention.backends import fa_utils
+
+    if fa_version is not None and fa_utils.is_flash_attn_varlen_func_available():
+        return "vllm-flash-attn", functools.partial(
+            _vllm_flash_attn_prefix, fa_utils.flash_attn_varlen_func, fa_version)
+    return "triton", triton_prefix
+
+
+def verify_tree_rows(query, key, value, key_cache, value_cache, plan: TreeRows,
+                     scale: float, prefix: PrefixFn = triton_prefix) -> torch.Tensor:
+    """Hybrid attention of the tree rows: ``query``/``key``/``value`` hold only
+    their tokens (``plan.token_index`` order); caches in FlashAttention's layout.
+    Returns ``[num_tree_tokens, num_heads, head_size]`` in the query dtype."""
+    prefix_out, prefix_lse = prefix(query, key_cache, value_cache, plan, scale)
+    tree_out, tree_lse = masked_kernel.masked_spec_attention(
+        query, key, value, plan.query_start_loc, plan.ancestor_bits, scale,
+        max_tokens_per_req=plan.max_query_len)
+    out, _ = merge_kernel.merge_attention_states(prefix_out, prefix_lse, tree_out,
+                                                 tree_lse, out=torch.empty_like(query))
+    return out
+
+
+@dataclasses.dataclass
+class HybridFlashAttentionMetadata(FlashAttentionMetadata):
+    tree_rows: TreeRows | None = None
+
+
+class HybridFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
+    _cudagraph_support = AttentionCGSupport.NEVER
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        return AttentionCGSupport.NEVER
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
+        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        fields = {f.name: getattr(metadata, f.name)
+                  for f in dataclasses.fields(FlashAttentionMetadata)}
+        common = common_attn_metadata
+        num_reqs = common.num_reqs
+        qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
+        query_lens = [qsl[r + 1] - qsl[r] for r in range(num_reqs)]
+        masks = find_tree_masks(self.layer_names, query_lens)
+        rows = None
+        if masks and metadata.causal is True:
+            rows = TreeRows.build(masks, qsl, common.seq_lens[:num_reqs],
+                                  common.block_table_tensor, common.max_seq_len)
+        return HybridFlashAttentionMetadata(**fields, tree_rows=rows)
+
+
+class HybridFlashAttentionImpl(FlashAttentionImpl):
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
+                output_scale=None, output_block_scale=None):
+        super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
+                        output_scale, output_block_scale)
+        plan = getattr(attn_metadata, "tree_rows", None)
+        if plan is None or self.attn_type != AttentionType.DECODER:
+            return output
+        self._check_tree_support(key)
+        # Same split as vLLM's forward: [num_blocks, block_size, num_kv_heads, head].
+        key_cache, value_cache = kv_cache.transpose(1, 2).split(self.head_size, dim=-1)
+        _, prefix = flash_prefix(self.vllm_flash_attn_version)
+        rows = plan.token_index
+        output[rows] = verify_tree_rows(query[rows], key[rows], value[rows], key_cache,
+                                        value_cache, plan, self.scale, prefix)
+        return output
+
+    def _check_tree_support(self, key) -> None:
+        problems = []
+        if key is None:
+            problems.append("KV-sharing layers (no key/value)")
+        if self.alibi_slopes is not None:
+            problems.append("ALiBi")
+        if self.logits_soft_cap:
+            problems.append("logits soft-capping")
+        if self.sinks is not None:
+            problems.append("attention sinks")
+        if self.sliding_window != (-1, -1):
+            problems.append("sliding window")
+        if self.kv_cache_dtype not in ("auto", "float16", "bfloat16"):
+            problems.append(f"kv_cache_dtype={self.kv_cache_dtype}")
+        if self.dcp_world_size > 1:
+            problems.append("decode context parallelism")
+        if problems:
+            raise NotImplementedError(
+                "hybrid tree attention (GPU) does not support " + ", ".join(problems))
+
+
+class HybridFlashAttentionBackend(FlashAttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "FLASH_ATTN"
+
+    @staticmethod
+    def get_impl_cls():
+        return HybridFlashAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return HybridFlashAttentionMetadataBuilder
