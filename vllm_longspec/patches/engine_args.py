@@ -109,13 +109,12 @@ def enable_tree_attention() -> None:
     every process started from here (the plugin reads the variable)."""
     from vllm.platforms import current_platform
 
-    from vllm_longspec.kernels.tuning import GPU_ENV, gpu_paths_enabled
-
-    if not current_platform.is_cpu() and not gpu_paths_enabled():
+    if not current_platform.is_cpu():
         raise UnsupportedConfigurationError(
-            "LongSpec key 'tree' on a GPU needs the hybrid FlashAttention backend, "
-            f"which has never run on a GPU: set {GPU_ENV}=1 to use it anyway (untested), "
-            "or leave 'tree' out to draft chains.")
+            "LongSpec key 'tree' needs vLLM's CPU backend for now: the tree runner "
+            "moves accepted K/V in vLLM's CPU cache layout (a GPU hybrid attention "
+            "backend exists, untested, but no GPU tree runner). Leave 'tree' out to "
+            "draft chains.")
     from vllm_longspec.attention.backend import ENABLE_ENV, register_attention_backend
 
     os.environ[ENABLE_ENV] = "1"
