@@ -242,3 +242,17 @@ def test_gpu_registration_needs_the_gpu_switch(monkeypatch):
     assert registered == [("FLASH_ATTN", GPU_BACKEND_CLASS_PATH)]
     module, name = GPU_BACKEND_CLASS_PATH.rsplit(".", 1)
     assert getattr(importlib.import_module(module), name) is gpu_backend.HybridFlashAttentionBackend
+
+
+def test_unsupported_layers_are_named():
+    impl = gpu_backend.HybridFlashAttentionImpl(
+        4, 64, 0.125, 2, alibi_slopes=[0.5] * 4, sliding_window=64, kv_cache_dtype="auto",
+        logits_soft_cap=30.0)
+    impl.kv_cache_dtype = "fp8"  # FlashAttention refuses it on CPU at construction
+    with pytest.raises(NotImplementedError) as error:
+        impl._check_tree_support(None)
+    for feature in ("KV-sharing", "ALiBi", "soft-capping", "sliding window",
+                    "kv_cache_dtype=fp8"):
+        assert feature in str(error.value)
+    plain = gpu_backend.HybridFlashAttentionImpl(4, 64, 0.125, 2, None, None, "auto")
+    plain._check_tree_support(torch.zeros(1))  # nothing to refuse

@@ -33,7 +33,12 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm_longspec.attention.cpu_cache import split_kv_pages
 from vllm_longspec.attention.cpu_extension import load_cpu_extension
 from vllm_longspec.attention.cpu_hybrid import hybrid_attention
-from vllm_longspec.attention.tree_rows import TreeRows, find_tree_masks, sub_batch
+from vllm_longspec.attention.tree_rows import (
+    TreeRows,
+    check_impl_supports_trees,
+    find_tree_masks,
+    sub_batch,
+)
 
 ENABLE_ENV = "VLLM_LONGSPEC_HYBRID_ATTENTION"
 # Tests: a file created the first time a process runs the hybrid path, so an
@@ -177,22 +182,9 @@ class HybridCPUAttentionImpl(CPUAttentionBackendImpl):
         output[stock.token_index] = stock_out
 
     def _check_tree_support(self, key, output_scale, output_block_scale) -> None:
-        problems = []
-        if key is None:
-            problems.append("KV-sharing layers (no key/value)")
-        if self.alibi_slopes is not None:
-            problems.append("ALiBi")
-        if self.logits_soft_cap:
-            problems.append("logits soft-capping")
-        if self.sinks is not None:
-            problems.append("attention sinks")
-        if self.sliding_window != -1:
-            problems.append("sliding window")
-        if output_scale is not None or output_block_scale is not None:
-            problems.append("fused output quantization")
-        if problems:
-            raise NotImplementedError(
-                "hybrid tree attention does not support " + ", ".join(problems))
+        fused_quant = output_scale is not None or output_block_scale is not None
+        check_impl_supports_trees(self, key, self.sliding_window != -1,
+                                  ["fused output quantization"] if fused_quant else [])
 
 
 class HybridCPUAttentionBackend(CPUAttentionBackend):

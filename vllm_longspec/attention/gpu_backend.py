@@ -33,7 +33,11 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from vllm_longspec.attention.tree_rows import TreeRows, find_tree_masks
+from vllm_longspec.attention.tree_rows import (
+    TreeRows,
+    check_impl_supports_trees,
+    find_tree_masks,
+)
 from vllm_longspec.kernels import masked_spec_attention as masked_kernel
 from vllm_longspec.kernels import merge_attention_states as merge_kernel
 from vllm_longspec.kernels import paged_prefix_attention as prefix_kernel
@@ -150,24 +154,12 @@ class HybridFlashAttentionImpl(FlashAttentionImpl):
         return output
 
     def _check_tree_support(self, key) -> None:
-        problems = []
-        if key is None:
-            problems.append("KV-sharing layers (no key/value)")
-        if self.alibi_slopes is not None:
-            problems.append("ALiBi")
-        if self.logits_soft_cap:
-            problems.append("logits soft-capping")
-        if self.sinks is not None:
-            problems.append("attention sinks")
-        if self.sliding_window != (-1, -1):
-            problems.append("sliding window")
+        more = []
         if self.kv_cache_dtype not in ("auto", "float16", "bfloat16"):
-            problems.append(f"kv_cache_dtype={self.kv_cache_dtype}")
+            more.append(f"kv_cache_dtype={self.kv_cache_dtype}")
         if self.dcp_world_size > 1:
-            problems.append("decode context parallelism")
-        if problems:
-            raise NotImplementedError(
-                "hybrid tree attention (GPU) does not support " + ", ".join(problems))
+            more.append("decode context parallelism")
+        check_impl_supports_trees(self, key, self.sliding_window != (-1, -1), more)
 
 
 class HybridFlashAttentionBackend(FlashAttentionBackend):

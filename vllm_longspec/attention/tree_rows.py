@@ -80,3 +80,20 @@ class TreeRows:
             max_query_len=int(query_lens.max()),
             max_prefix_len=max_seq_len,
         )
+
+
+def check_impl_supports_trees(impl, key, sliding_window: bool,
+                              more_problems: Sequence[str] = ()) -> None:
+    """Raise ``NotImplementedError`` naming every feature of this attention
+    layer that hybrid tree attention does not implement."""
+    problems = [name for name, present in (
+        ("KV-sharing layers (no key/value)", key is None),
+        ("ALiBi", impl.alibi_slopes is not None),
+        ("logits soft-capping", bool(impl.logits_soft_cap)),
+        ("attention sinks", impl.sinks is not None),
+        ("sliding window", sliding_window),
+    ) if present]
+    problems += list(more_problems)
+    if problems:
+        raise NotImplementedError(
+            "hybrid tree attention does not support " + ", ".join(problems))
