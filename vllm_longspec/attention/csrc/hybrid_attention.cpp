@@ -22,8 +22,11 @@
 // request's query tokens times the query heads sharing that kv head. Per block
 // of keys: S = Q K^T (register-blocked), masked online softmax, ACC += P V. The
 // new tokens are one more block, attended by the request's last split. Splits
-// merge by log-sum-exp at the end (FlashDecoding). Math in float32: 16-bit
-// pages are widened once per block into a small scratch.
+// merge by log-sum-exp at the end (FlashDecoding). Softmax and accumulation in
+// float32. bfloat16 on CPUs with AVX512_BF16: Q.K^T and P.V take bf16 pairs
+// (vdpbf16ps: two products per float32 lane, exact products, float32 sums; P
+// rounded to bf16), the pages repacked into pairs once per block. Otherwise
+// 16-bit pages are widened to float32 once per block.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -33,6 +36,13 @@
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#define LONGSPEC_BF16_PAIRS 1
+#else
+#define LONGSPEC_BF16_PAIRS 0
+#endif
 
 namespace {
 
@@ -167,6 +177,8 @@ struct BlockMask {
 // Online-softmax state of a work item's rows.
 struct RowState {
   std::vector<float> q, s, acc, m, l;
+  std::vector<uint32_t> q_pairs;  // bf16 pair path: Q rows as (d, d+1) pairs
+  std::vector<uint16_t> p_bf16;   // and P rounded to bf16, row-major
 
   void reset(int rows_pad, int D, int cols_pad) {
     q.assign(static_cast<size_t>(rows_pad) * D, 0.f);
@@ -177,17 +189,12 @@ struct RowState {
   }
 };
 
-// One block of keys into the rows' softmax: k [D][ldk] (token stride 1),
-// v [ncols][ldv]; columns >= cols_pad are never read, columns the mask hides
-// contribute exactly nothing (whatever the page holds there).
+// The masked online-softmax step of one block: S (scores) -> P in place, the
+// rows' max, sum and accumulators rescaled. Columns the mask hides get P = 0
+// exactly, whatever S holds there.
 template <int D>
-void attend_block(RowState& st, int rows_pad, const float* k, int64_t ldk, const float* v,
-                  int64_t ldv, int ncols, int cols_pad, const BlockMask& mask) {
+void softmax_block(RowState& st, int rows_pad, int cols_pad, const BlockMask& mask) {
   float* s = st.s.data();
-  int t0 = 0;
-  for (; t0 + 4 * LANES <= cols_pad; t0 += 4 * LANES)
-    qk_tile<D, 4>(st.q.data(), k, ldk, s, cols_pad, rows_pad, t0);
-  for (; t0 < cols_pad; t0 += LANES) qk_tile<D, 1>(st.q.data(), k, ldk, s, cols_pad, rows_pad, t0);
   const ivec16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   for (int i = 0; i < rows_pad; ++i) {
     float* row = s + i * cols_pad;
@@ -231,8 +238,111 @@ void attend_block(RowState& st, int rows_pad, const float* k, int64_t ldk, const
     st.l[i] += hsum(sum);
     st.m[i] = m_new;
   }
+}
+
+// One block of keys into the rows' softmax, float32: k [D][ldk] (token stride
+// 1), v [ncols][ldv]; st.q holds the scaled queries.
+template <int D>
+void attend_block(RowState& st, int rows_pad, const float* k, int64_t ldk, const float* v,
+                  int64_t ldv, int ncols, int cols_pad, const BlockMask& mask) {
+  float* s = st.s.data();
+  int t0 = 0;
+  for (; t0 + 4 * LANES <= cols_pad; t0 += 4 * LANES)
+    qk_tile<D, 4>(st.q.data(), k, ldk, s, cols_pad, rows_pad, t0);
+  for (; t0 < cols_pad; t0 += LANES) qk_tile<D, 1>(st.q.data(), k, ldk, s, cols_pad, rows_pad, t0);
+  softmax_block<D>(st, rows_pad, cols_pad, mask);
   pv<D>(s, cols_pad, v, ldv, st.acc.data(), rows_pad, ncols);
 }
+
+#if LONGSPEC_BF16_PAIRS
+// bf16 pairs: a uint32 holds two bf16, the lower one first in memory.
+inline uint32_t pair(uint16_t lo, uint16_t hi) { return lo | (static_cast<uint32_t>(hi) << 16); }
+
+// dst[t] = pair(a[t], b[t]) for t < n (b == nullptr: zeros), vectorised.
+inline void interleave(const uint16_t* a, const uint16_t* b, uint32_t* dst, int n) {
+  int t = 0;
+  for (; t + LANES <= n; t += LANES) {
+    u16x16 ha, hb = {};
+    __builtin_memcpy(&ha, a + t, sizeof(ha));
+    if (b) __builtin_memcpy(&hb, b + t, sizeof(hb));
+    const u32x16 w = __builtin_convertvector(ha, u32x16) | __builtin_convertvector(hb, u32x16) << 16;
+    __builtin_memcpy(dst + t, &w, sizeof(w));
+  }
+  for (; t < n; ++t) dst[t] = pair(a[t], b ? b[t] : 0);
+}
+
+// S[i][t0:t0+16*NV] = scale * Q[i] . K[:, t0:...], 4 rows at a time, from
+// q: [rows_pad][D/2] pairs and k: [D/2][ldk] pairs (dims 2e, 2e+1 of a token).
+template <int D, int NV>
+inline void qk_tile_pairs(const uint32_t* q, const uint32_t* k, int64_t ldk, float* s,
+                          int64_t lds, int rows_pad, int t0, float scale) {
+  for (int i0 = 0; i0 < rows_pad; i0 += 4) {
+    __m512 acc[4][NV];
+    for (int r = 0; r < 4; ++r)
+      for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_setzero_ps();
+    for (int e = 0; e < D / 2; ++e) {
+      __m512bh kv[NV];
+      for (int j = 0; j < NV; ++j)
+        kv[j] = (__m512bh)_mm512_loadu_si512(k + e * ldk + t0 + j * LANES);
+      for (int r = 0; r < 4; ++r) {
+        const __m512bh qv = (__m512bh)_mm512_set1_epi32(static_cast<int>(q[(i0 + r) * (D / 2) + e]));
+        for (int j = 0; j < NV; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], qv, kv[j]);
+      }
+    }
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int r = 0; r < 4; ++r)
+      for (int j = 0; j < NV; ++j)
+        _mm512_storeu_ps(s + (i0 + r) * lds + t0 + j * LANES, _mm512_mul_ps(acc[r][j], sc));
+  }
+}
+
+// ACC[i][:] += sum_t P[i][t] V[t][:], from p: [rows_pad][ldp] bf16 and
+// v: [npairs][D] pairs (tokens 2u, 2u+1 of a dim).
+template <int D>
+inline void pv_pairs(const uint16_t* p, int64_t ldp, const uint32_t* v, float* acc,
+                     int rows_pad, int npairs) {
+  constexpr int NVD = D / LANES;
+  constexpr int ROWS = NVD >= 8 ? 2 : 4;
+  for (int i0 = 0; i0 < rows_pad; i0 += ROWS) {
+    __m512 a[ROWS][NVD];
+    for (int r = 0; r < ROWS; ++r)
+      for (int j = 0; j < NVD; ++j) a[r][j] = _mm512_loadu_ps(acc + (i0 + r) * D + j * LANES);
+    for (int u = 0; u < npairs; ++u) {
+      __m512bh vv[NVD];
+      for (int j = 0; j < NVD; ++j) vv[j] = (__m512bh)_mm512_loadu_si512(v + u * D + j * LANES);
+      for (int r = 0; r < ROWS; ++r) {
+        uint32_t pp;
+        __builtin_memcpy(&pp, p + (i0 + r) * ldp + 2 * u, sizeof(pp));
+        const __m512bh pb = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp));
+        for (int j = 0; j < NVD; ++j) a[r][j] = _mm512_dpbf16_ps(a[r][j], pb, vv[j]);
+      }
+    }
+    for (int r = 0; r < ROWS; ++r)
+      for (int j = 0; j < NVD; ++j) _mm512_storeu_ps(acc + (i0 + r) * D + j * LANES, a[r][j]);
+  }
+}
+
+// attend_block with bf16 pairs: k [D/2][ldk], v [ceil(ncols/2)][D] (a missing
+// last token is zero); st.q_pairs holds the unscaled queries.
+template <int D>
+void attend_block_pairs(RowState& st, int rows_pad, const uint32_t* k, int64_t ldk,
+                        const uint32_t* v, int ncols, int cols_pad, const BlockMask& mask,
+                        float scale) {
+  float* s = st.s.data();
+  int t0 = 0;
+  for (; t0 + 4 * LANES <= cols_pad; t0 += 4 * LANES)
+    qk_tile_pairs<D, 4>(st.q_pairs.data(), k, ldk, s, cols_pad, rows_pad, t0, scale);
+  for (; t0 < cols_pad; t0 += LANES)
+    qk_tile_pairs<D, 1>(st.q_pairs.data(), k, ldk, s, cols_pad, rows_pad, t0, scale);
+  softmax_block<D>(st, rows_pad, cols_pad, mask);
+  st.p_bf16.resize(static_cast<size_t>(rows_pad) * cols_pad);
+  for (int i = 0; i < rows_pad; ++i)  // round P to bf16 (nearest even)
+    for (int c = 0; c < cols_pad; c += LANES)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(st.p_bf16.data() + i * cols_pad + c),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + i * cols_pad + c)));
+  pv_pairs<D>(st.p_bf16.data(), cols_pad, v, st.acc.data(), rows_pad, (ncols + 1) / 2);
+}
+#endif
 
 struct Task {
   int64_t req, kv_head, split, block_begin, block_end;
@@ -324,9 +434,128 @@ void hybrid_attention_impl(const at::Tensor& query, const at::Tensor& key,
     if (l_ptr) l_ptr[n * ls0 + hq * ls1] = row_lse;
   };
 
+  // The new tokens' mask for request r, whose first token is tok0.
+  auto new_token_mask = [&](int64_t tok0, int ntok) {
+    BlockMask mask{ntok, group, ntok};
+    mask.chain = bits == nullptr;
+    mask.bits = bits ? bits + tok0 * bits_stride : nullptr;
+    mask.bits_stride = bits_stride;
+    return mask;
+  };
+
+  // A task in float32 (16-bit pages widened): st.q, then every block.
+  auto attend_float = [&](const Task& task, RowState& st, std::vector<float>& kbuf,
+                          std::vector<float>& vbuf, int rows_pad) {
+    const int64_t r = task.req, h = task.kv_head, tok0 = qsl[r];
+    const int ntok = qsl[r + 1] - qsl[r];
+    // Row i = token i / group, head h * group + i % group.
+    for (int i = 0; i < ntok * group; ++i) {
+      float* dst = st.q.data() + i * D;
+      widen(q_ptr + (tok0 + i / group) * qs0 + (h * group + i % group) * qs1, dst, D);
+      for (int d = 0; d < D; ++d) dst[d] *= static_cast<float>(scale);
+    }
+    for (int64_t b = task.block_begin; b < task.block_end; ++b) {
+      const int valid = static_cast<int>(std::min<int64_t>(block_size, plen[r] - b * block_size));
+      const int64_t page = bt[r * bts + b];
+      const scalar_t* kp = kc_ptr + page * ksb + h * ksh;
+      const scalar_t* vp = vc_ptr + page * vsb + h * vsh;
+      const float* kf;
+      const float* vf;
+      int64_t ldk, ldv;
+      if (amx_packing) {
+        // keys [block/16, D/2, 16, 2], values [D/16, block/2, 16, 2] per page.
+        kbuf.assign(static_cast<size_t>(D) * bs_pad, 0.f);
+        vbuf.resize(static_cast<size_t>(block_size) * D);
+        for (int d = 0; d < D; ++d)
+          for (int t = 0; t < valid; ++t)
+            kbuf[d * bs_pad + t] =
+                static_cast<float>(kp[((t / 16) * (D / 2) + d / 2) * 32 + (t % 16) * 2 + d % 2]);
+        for (int t = 0; t < valid; ++t)
+          for (int d = 0; d < D; ++d)
+            vbuf[t * D + d] = static_cast<float>(
+                vp[((d / 16) * (block_size / 2) + t / 2) * 32 + (d % 16) * 2 + t % 2]);
+        kf = kbuf.data(); ldk = bs_pad; vf = vbuf.data(); ldv = D;
+      } else if (std::is_same_v<scalar_t, float> && bs_pad == block_size) {
+        kf = reinterpret_cast<const float*>(kp); ldk = ksd;
+        vf = reinterpret_cast<const float*>(vp); ldv = vst;
+      } else {  // widen (and pad to whole vectors)
+        kbuf.assign(static_cast<size_t>(D) * bs_pad, 0.f);
+        vbuf.resize(static_cast<size_t>(block_size) * D);
+        for (int d = 0; d < D; ++d) widen(kp + d * ksd, kbuf.data() + d * bs_pad, valid);
+        for (int t = 0; t < valid; ++t) widen(vp + t * vst, vbuf.data() + t * D, D);
+        kf = kbuf.data(); ldk = bs_pad; vf = vbuf.data(); ldv = D;
+      }
+      attend_block<D>(st, rows_pad, kf, ldk, vf, ldv, valid, bs_pad,
+                      BlockMask{valid, group, ntok});
+    }
+    if (task.new_tokens) {  // the new tokens: keys transposed to [D][new_pad]
+      const int new_pad = round_up(ntok);
+      kbuf.assign(static_cast<size_t>(D) * new_pad, 0.f);
+      vbuf.resize(static_cast<size_t>(ntok) * D);
+      float krow[D];
+      for (int j = 0; j < ntok; ++j) {
+        widen(kn_ptr + (tok0 + j) * kns0 + h * kns1, krow, D);
+        for (int d = 0; d < D; ++d) kbuf[d * new_pad + j] = krow[d];
+        widen(vn_ptr + (tok0 + j) * vns0 + h * vns1, vbuf.data() + j * D, D);
+      }
+      attend_block<D>(st, rows_pad, kbuf.data(), new_pad, vbuf.data(), D, ntok, new_pad,
+                      new_token_mask(tok0, ntok));
+    }
+  };
+
+#if LONGSPEC_BF16_PAIRS
+  // A bf16 task with pairs: st.q_pairs, then every block repacked into pairs.
+  auto attend_pairs = [&](const Task& task, RowState& st, std::vector<uint32_t>& kbuf,
+                          std::vector<uint32_t>& vbuf, int rows_pad) {
+    const int64_t r = task.req, h = task.kv_head, tok0 = qsl[r];
+    const int ntok = qsl[r + 1] - qsl[r];
+    auto bits16 = [](const scalar_t* x) { return reinterpret_cast<const uint16_t*>(x); };
+    st.q_pairs.assign(static_cast<size_t>(rows_pad) * (D / 2), 0u);
+    for (int i = 0; i < ntok * group; ++i)
+      __builtin_memcpy(st.q_pairs.data() + i * (D / 2),
+                       q_ptr + (tok0 + i / group) * qs0 + (h * group + i % group) * qs1,
+                       D * sizeof(scalar_t));
+    for (int64_t b = task.block_begin; b < task.block_end; ++b) {
+      const int valid = static_cast<int>(std::min<int64_t>(block_size, plen[r] - b * block_size));
+      const int64_t page = bt[r * bts + b];
+      const uint16_t* kp = bits16(kc_ptr + page * ksb + h * ksh);  // [D][ksd]
+      const uint16_t* vp = bits16(vc_ptr + page * vsb + h * vsh);  // [block][vst]
+      kbuf.assign(static_cast<size_t>(D / 2) * bs_pad, 0u);
+      for (int e = 0; e < D / 2; ++e)
+        interleave(kp + 2 * e * ksd, kp + (2 * e + 1) * ksd, kbuf.data() + e * bs_pad, valid);
+      const int npairs = (valid + 1) / 2;
+      vbuf.resize(static_cast<size_t>(npairs) * D);
+      for (int u = 0; u < npairs; ++u)
+        interleave(vp + 2 * u * vst, 2 * u + 1 < valid ? vp + (2 * u + 1) * vst : nullptr,
+                   vbuf.data() + u * D, D);
+      attend_block_pairs<D>(st, rows_pad, kbuf.data(), bs_pad, vbuf.data(), valid, bs_pad,
+                            BlockMask{valid, group, ntok}, static_cast<float>(scale));
+    }
+    if (task.new_tokens) {  // key pairs are 32-bit words of a key row: transpose them
+      const int new_pad = round_up(ntok);
+      kbuf.assign(static_cast<size_t>(D / 2) * new_pad, 0u);
+      for (int j = 0; j < ntok; ++j) {
+        uint32_t words[D / 2];
+        __builtin_memcpy(words, kn_ptr + (tok0 + j) * kns0 + h * kns1, sizeof(words));
+        for (int e = 0; e < D / 2; ++e) kbuf[e * new_pad + j] = words[e];
+      }
+      const int npairs = (ntok + 1) / 2;
+      vbuf.resize(static_cast<size_t>(npairs) * D);
+      for (int u = 0; u < npairs; ++u)
+        interleave(bits16(vn_ptr + (tok0 + 2 * u) * vns0 + h * vns1),
+                   2 * u + 1 < ntok ? bits16(vn_ptr + (tok0 + 2 * u + 1) * vns0 + h * vns1)
+                                    : nullptr,
+                   vbuf.data() + u * D, D);
+      attend_block_pairs<D>(st, rows_pad, kbuf.data(), new_pad, vbuf.data(), ntok, new_pad,
+                            new_token_mask(tok0, ntok), static_cast<float>(scale));
+    }
+  };
+#endif
+
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     RowState st;
     std::vector<float> kbuf, vbuf;
+    std::vector<uint32_t> kpairs, vpairs;
     for (int64_t ti = begin; ti < end; ++ti) {
       const Task& task = tasks[ti];
       const int64_t r = task.req, h = task.kv_head;
@@ -336,61 +565,16 @@ void hybrid_attention_impl(const at::Tensor& query, const at::Tensor& key,
       const int rows_pad = (rows + 3) / 4 * 4;
       const int new_pad = task.new_tokens ? round_up(ntok) : 0;
       st.reset(rows_pad, D, std::max(bs_pad, new_pad));
-      // Row i = token i / group, head h * group + i % group.
-      for (int i = 0; i < rows; ++i) {
-        float* dst = st.q.data() + i * D;
-        widen(q_ptr + (tok0 + i / group) * qs0 + (h * group + i % group) * qs1, dst, D);
-        for (int d = 0; d < D; ++d) dst[d] *= static_cast<float>(scale);
-      }
-      for (int64_t b = task.block_begin; b < task.block_end; ++b) {
-        const int valid = static_cast<int>(std::min<int64_t>(block_size, plen[r] - b * block_size));
-        const int64_t page = bt[r * bts + b];
-        const scalar_t* kp = kc_ptr + page * ksb + h * ksh;
-        const scalar_t* vp = vc_ptr + page * vsb + h * vsh;
-        const float* kf;
-        const float* vf;
-        int64_t ldk, ldv;
-        if (amx_packing) {
-          // keys [block/16, D/2, 16, 2], values [D/16, block/2, 16, 2] per page.
-          kbuf.assign(static_cast<size_t>(D) * bs_pad, 0.f);
-          vbuf.resize(static_cast<size_t>(block_size) * D);
-          for (int d = 0; d < D; ++d)
-            for (int t = 0; t < valid; ++t)
-              kbuf[d * bs_pad + t] =
-                  static_cast<float>(kp[((t / 16) * (D / 2) + d / 2) * 32 + (t % 16) * 2 + d % 2]);
-          for (int t = 0; t < valid; ++t)
-            for (int d = 0; d < D; ++d)
-              vbuf[t * D + d] = static_cast<float>(
-                  vp[((d / 16) * (block_size / 2) + t / 2) * 32 + (d % 16) * 2 + t % 2]);
-          kf = kbuf.data(); ldk = bs_pad; vf = vbuf.data(); ldv = D;
-        } else if (std::is_same_v<scalar_t, float> && bs_pad == block_size) {
-          kf = reinterpret_cast<const float*>(kp); ldk = ksd;
-          vf = reinterpret_cast<const float*>(vp); ldv = vst;
-        } else {  // widen (and pad to whole vectors)
-          kbuf.assign(static_cast<size_t>(D) * bs_pad, 0.f);
-          vbuf.resize(static_cast<size_t>(block_size) * D);
-          for (int d = 0; d < D; ++d) widen(kp + d * ksd, kbuf.data() + d * bs_pad, valid);
-          for (int t = 0; t < valid; ++t) widen(vp + t * vst, vbuf.data() + t * D, D);
-          kf = kbuf.data(); ldk = bs_pad; vf = vbuf.data(); ldv = D;
+      bool done = false;
+#if LONGSPEC_BF16_PAIRS
+      if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+        if (!amx_packing) {
+          attend_pairs(task, st, kpairs, vpairs, rows_pad);
+          done = true;
         }
-        attend_block<D>(st, rows_pad, kf, ldk, vf, ldv, valid, bs_pad,
-                        BlockMask{valid, group, ntok});
       }
-      if (task.new_tokens) {  // the new tokens: keys transposed to [D][new_pad]
-        kbuf.assign(static_cast<size_t>(D) * new_pad, 0.f);
-        vbuf.resize(static_cast<size_t>(ntok) * D);
-        float krow[D];
-        for (int j = 0; j < ntok; ++j) {
-          widen(kn_ptr + (tok0 + j) * kns0 + h * kns1, krow, D);
-          for (int d = 0; d < D; ++d) kbuf[d * new_pad + j] = krow[d];
-          widen(vn_ptr + (tok0 + j) * vns0 + h * vns1, vbuf.data() + j * D, D);
-        }
-        BlockMask mask{ntok, group, ntok};
-        mask.chain = bits == nullptr;
-        mask.bits = bits ? bits + tok0 * bits_stride : nullptr;
-        mask.bits_stride = bits_stride;
-        attend_block<D>(st, rows_pad, kbuf.data(), new_pad, vbuf.data(), D, ntok, new_pad, mask);
-      }
+#endif
+      if (!done) attend_float(task, st, kbuf, vbuf, rows_pad);
       // Write: the final result when the request has one split, else a partial.
       for (int i = 0; i < rows; ++i) {
         const int64_t n = tok0 + i / group, hq = h * group + i % group;
