@@ -146,7 +146,7 @@ def test_merge_matches_reference(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", ["extension", "extension-split-1", "extension-1-thread",
-                                  "torch"])
+                                  "extension-widened", "torch"])
 @pytest.mark.parametrize("mask", ["tree", "chain"])
 @pytest.mark.parametrize("heads,kv_heads,head_size,seed", [
     (6, 2, 64, 8), (8, 8, 128, 9), (9, 3, 64, 10), (16, 2, 128, 11)])
@@ -161,6 +161,8 @@ def test_hybrid_equals_dense_masked_attention(monkeypatch, request, dtype, path,
         pytest.fail("the C++ extension did not build on this machine")
     if path == "extension-split-1":
         monkeypatch.setattr(cpu_hybrid, "SPLIT_BLOCKS", 1)
+    if path == "extension-widened":  # bf16 without vdpbf16ps: widened to float32
+        monkeypatch.setattr(cpu_hybrid, "BF16_PAIRS", False)
     if path == "extension-1-thread":  # the kernel's own choice: no splits
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -206,3 +208,15 @@ def test_bad_arguments_raise_value_errors():
             1.0, cpu_isa="neon")
     with pytest.raises(ValueError, match="lse_b"):
         cpu_hybrid.merge_attention_states(query, torch.zeros(3, 4), query, torch.zeros(3, 5))
+
+
+def test_bf16_pairs_are_compiled_where_the_cpu_has_them():
+    """So the bf16 cases above run vdpbf16ps here (and the widened path too)."""
+    from pathlib import Path
+
+    extension = cpu_hybrid.load_cpu_extension()
+    if extension is None:
+        pytest.fail("the C++ extension did not build on this machine")
+    flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), "")
+    assert extension.has_bf16_pairs() == ("avx512_bf16" in flags.split())

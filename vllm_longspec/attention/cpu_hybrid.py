@@ -29,6 +29,9 @@ EXTENSION_HEAD_SIZES = (64, 128)
 # Prefix blocks per work item of the C++ kernel; 0 = its own choice (split long
 # prefixes only when several threads would otherwise idle). Tests force splits.
 SPLIT_BLOCKS = 0
+# bfloat16 through vdpbf16ps where the kernel was compiled for a CPU with
+# AVX512_BF16 (``has_bf16_pairs()``); False widens to float32 (tests cover both).
+BF16_PAIRS = True
 _NO_TENSOR = torch.empty(0)
 _NO_BITS = torch.empty(0, 0, dtype=torch.int32)
 
@@ -95,7 +98,7 @@ def _extension_call(query, key, value, keys, values, block_table, prefix_lens,
     load_cpu_extension().hybrid_attention(
         query, key, value, keys, values, block_table, prefix_lens.contiguous(),
         query_start_loc.contiguous(), _NO_BITS if ancestor_bits is None else ancestor_bits,
-        float(scale), SPLIT_BLOCKS, cpu_isa == "amx", result, lse_out)
+        float(scale), SPLIT_BLOCKS, cpu_isa == "amx", BF16_PAIRS, result, lse_out)
     if result is not out:
         out.copy_(result)
 

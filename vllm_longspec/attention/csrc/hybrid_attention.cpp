@@ -355,8 +355,8 @@ void hybrid_attention_impl(const at::Tensor& query, const at::Tensor& key,
                            const at::Tensor& value_cache, const at::Tensor& block_table,
                            const at::Tensor& prefix_lens, const at::Tensor& query_start_loc,
                            const at::Tensor& ancestor_bits, double scale,
-                           int64_t blocks_per_split, bool amx_packing, at::Tensor& out,
-                           at::Tensor& lse) {
+                           int64_t blocks_per_split, bool amx_packing, bool bf16_pairs,
+                           at::Tensor& out, at::Tensor& lse) {
   const int64_t num_reqs = prefix_lens.size(0);
   const int64_t num_tokens = query.size(0);
   const int64_t num_heads = query.size(1);
@@ -568,7 +568,7 @@ void hybrid_attention_impl(const at::Tensor& query, const at::Tensor& key,
       bool done = false;
 #if LONGSPEC_BF16_PAIRS
       if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-        if (!amx_packing) {
+        if (bf16_pairs && !amx_packing) {
           attend_pairs(task, st, kpairs, vpairs, rows_pad);
           done = true;
         }
@@ -628,8 +628,8 @@ void hybrid_attention_impl(const at::Tensor& query, const at::Tensor& key,
 void hybrid_attention(at::Tensor query, at::Tensor key, at::Tensor value, at::Tensor key_cache,
                       at::Tensor value_cache, at::Tensor block_table, at::Tensor prefix_lens,
                       at::Tensor query_start_loc, at::Tensor ancestor_bits, double scale,
-                      int64_t blocks_per_split, bool amx_packing, at::Tensor out,
-                      at::Tensor lse) {
+                      int64_t blocks_per_split, bool amx_packing, bool bf16_pairs,
+                      at::Tensor out, at::Tensor lse) {
   TORCH_CHECK(query.dim() == 3 && key_cache.dim() == 4 && value_cache.dim() == 4);
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "head dim must be contiguous");
   TORCH_CHECK(out.sizes() == query.sizes(), "out must have the query's shape");
@@ -666,7 +666,7 @@ void hybrid_attention(at::Tensor query, at::Tensor key, at::Tensor value, at::Te
   return hybrid_attention_impl<D, scalar_t>(query, key, value, key_cache, value_cache,      \
                                             block_table, prefix_lens, query_start_loc,      \
                                             ancestor_bits, scale, blocks_per_split,          \
-                                            amx_packing, out, lse)
+                                            amx_packing, bf16_pairs, out, lse)
 #define LONGSPEC_DISPATCH_DTYPE(D)                                                          \
   switch (query.scalar_type()) {                                                            \
     case at::kFloat: LONGSPEC_DISPATCH(D, float);                                           \
@@ -688,4 +688,6 @@ void hybrid_attention(at::Tensor query, at::Tensor key, at::Tensor value, at::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hybrid_attention", &hybrid_attention,
         "Paged prefix (+ masked new tokens) attention over vLLM's CPU cache, one softmax");
+  m.def("has_bf16_pairs", [] { return LONGSPEC_BF16_PAIRS == 1; },
+        "Whether bfloat16 runs on vdpbf16ps (compiled for a CPU with AVX512_BF16)");
 }
