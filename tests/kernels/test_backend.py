@@ -165,6 +165,31 @@ def test_tree_rows_follow_their_masks(monkeypatch, dtype):
         assert_close(got[span], batch.dense_tree_attention(row, mask), dtype)
 
 
+def test_plan_is_reused_across_kv_cache_groups_with_their_block_tables(monkeypatch):
+    """One step builds metadata once per KV-cache group (per target layer next to
+    a draft): the rows are planned once, the block tables are each group's."""
+    import dataclasses
+
+    _, (builder_cls, _) = _classes()
+    monkeypatch.setenv(HYBRID_CHAINS_ENV, "1")
+    batch = Batch(torch.float32, 4, 2, 64, seed=8)
+    builder = batch.builder(builder_cls)
+    common = batch.common_metadata()
+    first = builder.build(0, common).hybrid_plan
+    other_blocks = batch.case.block_table.flip(1).contiguous()  # another group's
+    second = builder.build(0, dataclasses.replace(
+        common, block_table_tensor=other_blocks)).hybrid_plan
+    assert second.tree.token_index is first.tree.token_index  # planned once
+    assert torch.equal(second.tree.block_table, other_blocks[second.tree.rows])
+    assert torch.equal(second.stock.block_table, other_blocks[second.stock.rows])
+    assert torch.equal(first.tree.block_table, batch.case.block_table[first.tree.rows])
+    # the next step (one more token each) is planned again
+    third = builder.build(0, dataclasses.replace(
+        common, seq_lens=common.seq_lens + 1, max_seq_len=common.max_seq_len + 1)).hybrid_plan
+    assert third.tree.token_index is not first.tree.token_index
+    assert torch.equal(third.tree.prefix_lens, first.tree.prefix_lens + 1)
+
+
 def test_tree_smaller_than_query_is_an_error(monkeypatch):
     batch = Batch(torch.float32, 4, 2, 64, seed=6)
     _, hybrid = _classes()

@@ -33,8 +33,10 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm_longspec.attention.cpu_cache import split_kv_pages
 from vllm_longspec.attention.cpu_extension import load_cpu_extension
 from vllm_longspec.attention.cpu_hybrid import hybrid_attention
+from vllm_longspec.attention.spec_trees import hybrid_chains_enabled
 from vllm_longspec.attention.tree_rows import (
     TreeRows,
+    applicable_tree_batch,
     check_impl_supports_trees,
     find_tree_masks,
     sub_batch,
@@ -64,6 +66,7 @@ class StockRows:
     token_index: torch.Tensor  # [num_stock_tokens] int64
     query_start_loc: torch.Tensor  # [num_stock_rows + 1] int32
     seq_lens: torch.Tensor  # [num_stock_rows] int32
+    rows: torch.Tensor  # [num_stock_rows] int64, rows of the batch
     block_table: torch.Tensor  # [num_stock_rows, max_blocks] int32
     scheduler_metadata: torch.Tensor
 
@@ -80,6 +83,13 @@ class HybridCPUAttentionMetadata(CPUAttentionMetadata):
 
 
 class HybridCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
+    # The last step's plan without block tables: (key, HybridPlan). With a draft
+    # next to the target, vLLM's hybrid KV-cache manager gives every target
+    # layer its own KV-cache group (own block table), so one step builds
+    # metadata once per layer; the rows, masks and stock scheduler metadata are
+    # the same for all of them, only the block-table rows differ.
+    _last_plan: tuple | None = None
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
         fields = {f.name: getattr(metadata, f.name)
@@ -93,16 +103,41 @@ class HybridCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def _plan(self, common, metadata) -> HybridPlan | None:
         num_reqs = common.num_reqs
         qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
+        seq_lens = metadata.seq_lens[:num_reqs]
+        # Everything the plan depends on but the block table (compared by value).
+        key = (applicable_tree_batch(self.layer_names), self.window_size == -1,
+               hybrid_chains_enabled(), tuple(qsl), tuple(seq_lens.tolist()),
+               self.num_heads, self.num_kv_heads, self.head_dim, self.dtype,
+               self.window_size, self.isa, self.kv_cache_dtype, common.max_seq_len)
+        cached = HybridCPUAttentionMetadataBuilder._last_plan
+        if cached is not None and cached[0] == key:
+            shared = cached[1]
+        else:
+            shared = self._plan_rows(qsl, seq_lens, common.max_seq_len)
+            HybridCPUAttentionMetadataBuilder._last_plan = (key, shared)
+        if shared is None:
+            return None
+        self._check_tree_support()
+        block_table = metadata.block_table
+        tree = dataclasses.replace(
+            shared.tree, block_table=block_table[torch.tensor(shared.tree.rows)].contiguous())
+        stock = shared.stock
+        if stock is not None:
+            stock = dataclasses.replace(
+                stock, block_table=block_table[stock.rows].contiguous())
+        return HybridPlan(tree=tree, stock=stock)
+
+    def _plan_rows(self, qsl, seq_lens, max_seq_len) -> HybridPlan | None:
+        """The plan with empty block tables (``_plan`` fills them per group)."""
+        num_reqs = len(qsl) - 1
         query_lens = [qsl[r + 1] - qsl[r] for r in range(num_reqs)]
         # Chain rows of sliding-window layers keep vLLM's kernel (debug switch).
         masks = find_tree_masks(self.layer_names, query_lens,
                                 chains_too=self.window_size == -1)
         if not masks:
             return None
-        self._check_tree_support()
-        seq_lens = metadata.seq_lens[:num_reqs]
-        tree = TreeRows.build(masks, qsl, seq_lens, metadata.block_table,
-                              common.max_seq_len)
+        no_blocks = torch.empty(num_reqs, 0, dtype=torch.int32)
+        tree = TreeRows.build(masks, qsl, seq_lens, no_blocks, max_seq_len)
         stock_rows = [r for r in range(num_reqs) if r not in masks and query_lens[r] > 0]
         stock = None
         if stock_rows:
@@ -112,7 +147,8 @@ class HybridCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                 token_index=stock_index,
                 query_start_loc=stock_qsl,
                 seq_lens=stock_seq_lens,
-                block_table=metadata.block_table[torch.tensor(stock_rows)].contiguous(),
+                rows=torch.tensor(stock_rows),
+                block_table=no_blocks,
                 scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
                     num_reqs=len(stock_rows), num_heads=self.num_heads,
                     num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,

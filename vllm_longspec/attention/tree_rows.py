@@ -18,6 +18,12 @@ from vllm_longspec.attention.spec_trees import get_spec_trees, tree_rows_of_batc
 from vllm_longspec.attention.tree_mask import MAX_SPEC_TOKENS, pack_ancestor_bits
 
 
+def applicable_tree_batch(layer_names: Sequence[str]):
+    """The ``SpecTreeBatch`` set for this step if it applies to ``layer_names``."""
+    trees = get_spec_trees()
+    return trees if trees is not None and trees.applies_to(layer_names) else None
+
+
 def find_tree_masks(layer_names: Sequence[str], query_lens: Sequence[int],
                     chains_too: bool = True) -> dict[int, torch.Tensor]:
     """Row -> [q, q] ancestor mask of every row to verify with hybrid attention.
@@ -27,9 +33,7 @@ def find_tree_masks(layer_names: Sequence[str], query_lens: Sequence[int],
     target while these are the draft's layers); ``chains_too=False`` turns that
     off.
     """
-    trees = get_spec_trees()
-    if trees is not None and not trees.applies_to(layer_names):
-        trees = None
+    trees = applicable_tree_batch(layer_names)
     if trees is None and not chains_too:
         return {}
     return tree_rows_of_batch(trees, query_lens, MAX_SPEC_TOKENS)
