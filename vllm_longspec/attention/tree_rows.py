@@ -28,10 +28,11 @@ def find_tree_masks(layer_names: Sequence[str], query_lens: Sequence[int],
                     chains_too: bool = True) -> dict[int, torch.Tensor]:
     """Row -> [q, q] ancestor mask of every row to verify with hybrid attention.
 
-    Only the debug switch ``VLLM_LONGSPEC_HYBRID_CHAINS=1`` adds chain rows when
-    no tree batch applies to ``layer_names`` (none is set, or it belongs to the
-    target while these are the draft's layers); ``chains_too=False`` turns that
-    off.
+    The rows of the tree batch set for this step, if it applies to
+    ``layer_names`` (not when these are the draft's layers and the trees the
+    target's). The debug switch ``VLLM_LONGSPEC_HYBRID_CHAINS=1`` adds every
+    other row with 2-128 tokens as a chain; ``chains_too=False`` drops those
+    when no tree batch applies.
     """
     trees = applicable_tree_batch(layer_names)
     if trees is None and not chains_too:
