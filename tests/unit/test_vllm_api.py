@@ -171,6 +171,9 @@ SOURCE_FACTS = [
      ["self.sliding_window = (-1, -1)", "self.sinks = sinks"]),
     ("vllm.v1.attention.backends.fa_utils", "is_flash_attn_varlen_func_available",
      []),
+    # The GPU builder declares no CUDA-graph support through this attribute.
+    ("vllm.v1.attention.backends.flash_attn",
+     "FlashAttentionMetadataBuilder.get_cudagraph_support", ["return cls._cudagraph_support"]),
     # The CPU platform registers its kernel stand-ins after plugins load,
     # and expand_batch_to_tokens expands per-request floats with that kernel.
     ("vllm.v1.worker.worker_base", "WorkerWrapperBase.init_worker",

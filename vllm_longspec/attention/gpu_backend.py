@@ -114,11 +114,7 @@ class HybridFlashAttentionMetadata(FlashAttentionMetadata):
 
 
 class HybridFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
-    _cudagraph_support = AttentionCGSupport.NEVER
-
-    @classmethod
-    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
-        return AttentionCGSupport.NEVER
+    _cudagraph_support = AttentionCGSupport.NEVER  # read by get_cudagraph_support
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
         metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)

@@ -181,7 +181,6 @@ struct RowState {
   std::vector<uint16_t> p_bf16;   // and P rounded to bf16, row-major
 
   void reset(int rows_pad, int D, int cols_pad) {
-    q.assign(static_cast<size_t>(rows_pad) * D, 0.f);
     s.resize(static_cast<size_t>(rows_pad) * cols_pad);
     acc.assign(static_cast<size_t>(rows_pad) * D, 0.f);
     m.assign(rows_pad, NEG_INF);
@@ -448,7 +447,8 @@ void hybrid_attention_impl(const at::Tensor& query, const at::Tensor& key,
                           std::vector<float>& vbuf, int rows_pad) {
     const int64_t r = task.req, h = task.kv_head, tok0 = qsl[r];
     const int ntok = qsl[r + 1] - qsl[r];
-    // Row i = token i / group, head h * group + i % group.
+    // Row i = token i / group, head h * group + i % group; padding rows zero.
+    st.q.assign(static_cast<size_t>(rows_pad) * D, 0.f);
     for (int i = 0; i < ntok * group; ++i) {
       float* dst = st.q.data() + i * D;
       widen(q_ptr + (tok0 + i / group) * qs0 + (h * group + i % group) * qs1, dst, D);
