@@ -1,8 +1,12 @@
-"""The draft's cross-attention read of a paged cache, against the torch reference.
+"""The draft's cross-attention read of a paged cache, against dense attention.
 
 On CPU the target cache is written by vLLM's own ``cpu_attn_reshape_and_cache``
 (which packs keys in an ISA-specific order), exactly as the target's attention
-layers write it; the reference attends the same tokens stored as plain rows.
+layers write it; the same tokens are also stored as plain rows for the
+plain-torch reference (``reference/paged_attention.py``, the draft's fallback
+off CPU). Every path, the reference included, is checked against
+``dense_attention`` below: a float64 softmax over each request's K/V as
+generated, before any paging, so no test compares an implementation with itself.
 Also pins the window semantics of vLLM's CPU kernel that the draft's
 self-attention relies on: ``sliding_window = n`` lets a query see itself and the
 n - 1 tokens before it.
@@ -28,9 +32,36 @@ def _cpu_isa(dtype, head_size):
     return _get_attn_isa(dtype, BLOCK_SIZE, head_size)
 
 
+def dense_attention(
+    query: torch.Tensor,  # [num_queries, num_heads, head_size]
+    keys: list[torch.Tensor],  # per query: [seq_len, num_kv_heads, head_size]
+    values: list[torch.Tensor],
+    scale: float,
+) -> torch.Tensor:
+    """[num_queries, num_heads, head_size] float64: softmax(q.K^T * scale) V (GQA)."""
+    out = []
+    for q, k, v in zip(query.double(), keys, values, strict=True):
+        group = q.shape[0] // k.shape[1]
+        k = k.double().repeat_interleave(group, dim=1)  # [seq_len, num_heads, head]
+        v = v.double().repeat_interleave(group, dim=1)
+        probs = (torch.einsum("hd,khd->hk", q, k) * scale).softmax(-1)
+        out.append(torch.einsum("hk,khd->hd", probs, v))
+    return torch.stack(out)
+
+
+def assert_matches_dense(got, query, cache, requests, scale, dtype=torch.float32):
+    """got: [num_queries, ...]; requests: the request each query belongs to."""
+    expected = dense_attention(query, [cache.keys[r] for r in requests],
+                               [cache.values[r] for r in requests], scale)
+    torch.testing.assert_close(got.double(), expected, atol=TOLERANCES[dtype],
+                               rtol=TOLERANCES[dtype])
+
+
 class PagedCache:
     """Random K/V for ragged requests, stored twice under one shuffled block table:
-    in vLLM's CPU format (written by vLLM) and as plain rows (for the reference)."""
+    in vLLM's CPU format (written by vLLM) and as plain rows (for the reference).
+    ``keys[i]``/``values[i]`` ([seq_len, num_kv_heads, head_size]) keep request
+    i's tokens as generated, for ``dense_attention``."""
 
     def __init__(self, seq_lens, num_kv_heads, head_size, dtype, gen):
         from vllm import _custom_ops as ops
@@ -50,9 +81,13 @@ class PagedCache:
         self.kv_cache = torch.zeros(num_blocks, num_kv_heads, BLOCK_SIZE,
                                     2 * head_size, dtype=dtype)
         keys, values = split_kv_cache(self.kv_cache, "cpu")
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
         for i, n in enumerate(seq_lens):
             k = torch.randn(n, num_kv_heads, head_size, generator=gen).to(dtype)
             v = torch.randn(n, num_kv_heads, head_size, generator=gen).to(dtype)
+            self.keys.append(k)
+            self.values.append(v)
             pos = torch.arange(n)
             block = self.block_table[i, pos // BLOCK_SIZE].long()
             self.plain_keys[block, :, pos % BLOCK_SIZE] = k
@@ -65,7 +100,8 @@ class PagedCache:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(9, 3), (8, 8), (8, 1)])
 @pytest.mark.parametrize("head_size", [64, 128])
-def test_cpu_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_size):
+def test_cpu_kernel_and_reference_match_dense_attention(dtype, num_heads, num_kv_heads,
+                                                        head_size):
     gen = torch.Generator().manual_seed(num_heads * 1000 + head_size)
     seq_lens = torch.tensor([1, 127, 128, 129, 1000, 4097], dtype=torch.int32)
     cache = PagedCache(seq_lens.tolist(), num_kv_heads, head_size, dtype, gen)
@@ -73,15 +109,16 @@ def test_cpu_kernel_matches_reference(dtype, num_heads, num_kv_heads, head_size)
     keys, values = split_kv_cache(cache.kv_cache, "cpu")
     before = cache.kv_cache.clone()
     scale = head_size**-0.5
+    requests = range(len(seq_lens))
 
-    expected, _ = reference_attention(query, cache.plain_keys, cache.plain_values,
-                                      cache.block_table, seq_lens, scale)
     got = paged_decode_attention(query, keys, values, cache.block_table, seq_lens,
                                  scale, cpu_isa=_cpu_isa(dtype, head_size))
-
-    torch.testing.assert_close(got.float(), expected.float(),
-                               atol=TOLERANCES[dtype], rtol=TOLERANCES[dtype])
+    assert_matches_dense(got, query, cache, requests, scale, dtype)
     assert torch.equal(cache.kv_cache, before), "the target cache must not change"
+    # The reference is the ground truth of other tests: it is checked here too.
+    reference, _ = reference_attention(query, cache.plain_keys, cache.plain_values,
+                                       cache.block_table, seq_lens, scale)
+    assert_matches_dense(reference, query, cache, requests, scale, dtype)
 
 
 @pytest.mark.parametrize("cpu", [True, False], ids=["cpu_kernel", "reference"])
@@ -94,9 +131,6 @@ def test_several_queries_per_request(cpu):
     counts = torch.tensor([4, 1, 3])
     query_start_loc = torch.cat([torch.zeros(1), counts.cumsum(0)]).to(torch.int32)
     query = torch.randn(int(counts.sum()), 9, 64, generator=gen)
-    rows = torch.arange(3).repeat_interleave(counts)
-    expected, _ = reference_attention(query, cache.plain_keys, cache.plain_values,
-                                      cache.block_table[rows], seq_lens[rows], 0.125)
     if cpu:
         got = paged_decode_attention(query, keys, values, cache.block_table, seq_lens,
                                      0.125, cpu_isa=_cpu_isa(torch.float32, 64),
@@ -105,7 +139,8 @@ def test_several_queries_per_request(cpu):
         got = paged_decode_attention(query, cache.plain_keys, cache.plain_values,
                                      cache.block_table, seq_lens, 0.125,
                                      query_start_loc=query_start_loc)
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    requests = torch.arange(3).repeat_interleave(counts).tolist()
+    assert_matches_dense(got, query, cache, requests, 0.125)
 
 
 def test_reference_fallback_reads_split_content_layout():
@@ -115,11 +150,9 @@ def test_reference_fallback_reads_split_content_layout():
     gpu_layout = torch.cat([cache.plain_keys, cache.plain_values], dim=-1)
     keys, values = split_kv_cache(gpu_layout, "split_content")
     query = torch.randn(2, 9, 64, generator=gen)
-    expected, _ = reference_attention(query, cache.plain_keys, cache.plain_values,
-                                      cache.block_table, seq_lens, 0.125)
     got = paged_decode_attention(query, keys, values, cache.block_table, seq_lens,
                                  0.125, cpu_isa=None)
-    torch.testing.assert_close(got, expected)
+    assert_matches_dense(got, query, cache, range(2), 0.125)
 
 
 def test_split_kv_cache_views():
