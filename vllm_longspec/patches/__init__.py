@@ -8,6 +8,7 @@ LongSpec, so vLLM behaves exactly as before unless LongSpec is requested.
 from vllm_longspec.patches import (
     attention_metadata,
     cpu_expand_kernel,
+    cpu_generator_rewind,
     engine_args,
     model_runner,
     prepare_inputs,
@@ -15,7 +16,7 @@ from vllm_longspec.patches import (
 )
 
 PATCHES = (engine_args, model_runner, prepare_inputs, attention_metadata,
-           cpu_expand_kernel, request_validation)
+           cpu_expand_kernel, cpu_generator_rewind, request_validation)
 
 
 def apply_all() -> None:
