@@ -1,11 +1,42 @@
-"""Shared fixtures: the default target model and tiny draft directories."""
+"""Shared fixtures: the default target model and tiny draft directories.
+
+Also: Triton's interpreter for ``tests/kernels``. ``TRITON_INTERPRET=1`` must be
+set when a ``@triton.jit`` function is defined, Triton's own helpers
+(``tl.max``...) included, which are defined when ``triton.language`` is first
+imported; vLLM imports it too. This conftest is loaded before any test module
+of ``tests/`` is imported, so it imports ``triton.language`` first, under the
+variable, then restores the environment (engine subprocesses must not inherit
+it). ``tests/kernels/conftest.py`` fails the kernel tests if Triton was imported
+before this ran (e.g. by a pytest plugin, or pytest started from a process that
+had imported vLLM).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
+
+
+def _import_triton_language_interpreted() -> None:
+    if "triton" in sys.modules or importlib.util.find_spec("triton") is None:
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_import_triton_language_interpreted()
 
 
 @pytest.fixture(scope="session")

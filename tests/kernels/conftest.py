@@ -2,11 +2,13 @@
 
 ``TRITON_INTERPRET=1`` must be set when a ``@triton.jit`` function is defined,
 including Triton's own helpers (``tl.max``...), which are defined when
-``triton.language`` is first imported (vLLM imports it too). So this conftest
-imports ``triton.language`` under the variable before any test runs, and the
-``triton_ops`` fixture imports the kernel modules under it and sets it for the
-duration of each kernel test only (Triton also reads it at launch), so engine
-subprocesses started by other tests never inherit it.
+``triton.language`` is first imported (vLLM imports it too). ``tests/conftest.py``
+imports ``triton.language`` under the variable before any test module; the
+``triton_ops`` fixture checks that it worked (a kernel test FAILS otherwise:
+these tests are the only checks on the kernels), imports the kernel modules
+under the variable and sets it for the duration of each kernel test only
+(Triton also reads it at launch), so engine subprocesses started by other tests
+never inherit it.
 """
 
 from __future__ import annotations
@@ -41,11 +43,6 @@ def _interpreting():
             os.environ["TRITON_INTERPRET"] = previous
 
 
-if HAS_TRITON and "triton" not in sys.modules:
-    with _interpreting():
-        import triton.language  # noqa: F401
-
-
 @pytest.fixture
 def triton_ops(_interpreted_kernels, monkeypatch):
     """The kernels, with TRITON_INTERPRET=1 for the test (Triton reads it at launch)."""
@@ -61,8 +58,13 @@ def _interpreted_kernels():
     from triton.runtime.interpreter import InterpretedFunction
 
     if not isinstance(standard.max, InterpretedFunction):
-        pytest.skip("triton was imported before TRITON_INTERPRET=1 could be set; run "
-                    "tests/kernels in its own pytest process")
+        pytest.fail("Triton was imported before TRITON_INTERPRET=1 was set, so its "
+                    "helpers (tl.max...) are compiled functions and the kernels cannot "
+                    "run in the interpreter. tests/conftest.py imports triton.language "
+                    "under the variable before any test module; something imported "
+                    "Triton earlier (a pytest plugin, or pytest started from a process "
+                    "that had imported vLLM or Triton). Run pytest as a fresh process.",
+                    pytrace=False)
     with _interpreting():
         modules = []
         for name in KERNEL_MODULES:
