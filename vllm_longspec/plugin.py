@@ -40,14 +40,18 @@ def register() -> None:
     from vllm import ModelRegistry
 
     from vllm_longspec import patches
-    from vllm_longspec.model.checkpoint import ARCHITECTURE
+    from vllm_longspec.model.checkpoint import DRAFT_ARCHITECTURES
     from vllm_longspec.profiling import install_from_env as install_step_timer_from_env
 
     check_vllm_version(vllm.__version__)
-    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(
-            ARCHITECTURE, "vllm_longspec.model.draft:LongSpecForCausalLM"
-        )
+    # Our own name and the published checkpoints' (LlamaGlideDecoderLayer, ...):
+    # vLLM builds the draft's model config from the directory's config.json and
+    # refuses an architecture it has no class for.
+    for name in DRAFT_ARCHITECTURES:
+        if name not in ModelRegistry.get_supported_archs():
+            ModelRegistry.register_model(
+                name, "vllm_longspec.model.draft:LongSpecForCausalLM"
+            )
     patches.apply_all()
     install_step_timer_from_env()
     if os.environ.get(HYBRID_ATTENTION_ENV) == "1":

@@ -12,9 +12,16 @@ code (sail-sg/LongSpec), optionally prefixed with ``model.``:
     post_cross_attention_layernorm.weight
 
 Embedding and LM head are the target's and are never stored. ``config.json`` is an
-HF Llama/Qwen2 config with the target's sizes; drafts exported by this project add
-a ``"longspec"`` section (window, the target they were trained for). Published
-checkpoints have no such section and get the defaults.
+HF Llama/Qwen2 config with the target's sizes. Two layouts load:
+
+    "longspec"   ours: architecture LongSpecForCausalLM, one layer, a ``"longspec"``
+                 section (window, the target it was trained for), no cross k/v
+    "published"  the reference code's ``<Family>GlideDecoderLayer.save_pretrained``
+                 (the ``sail/longspec-*`` checkpoints): the target's whole config
+                 under architecture LlamaGlideDecoderLayer / Qwen2GlideDecoderLayer,
+                 cross k/v present, no ``"longspec"`` section (defaults apply)
+
+``save_draft`` writes either.
 
 Mapping to the vLLM module (``model/draft.py``), which fuses projections:
 
@@ -35,6 +42,15 @@ from vllm_longspec.config import DEFAULT_SLIDING_WINDOW
 
 ARCHITECTURE = "LongSpecForCausalLM"
 SUPPORTED_TARGET_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# target architecture -> the reference code's draft class, the architecture
+# name in a published checkpoint's config.json
+PUBLISHED_ARCHITECTURES = {
+    "LlamaForCausalLM": "LlamaGlideDecoderLayer",
+    "Qwen2ForCausalLM": "Qwen2GlideDecoderLayer",
+}
+# Every architecture name a LongSpec draft directory may carry.
+DRAFT_ARCHITECTURES = (ARCHITECTURE, *PUBLISHED_ARCHITECTURES.values())
+LAYOUTS = ("longspec", "published")
 
 REQUIRED_PARAMS = (
     "self_attn.q_proj.weight",
@@ -54,7 +70,15 @@ REQUIRED_PARAMS = (
     "post_self_attention_layernorm.weight",
     "post_cross_attention_layernorm.weight",
 )
+UNUSED_PARAMS = (
+    "cross_attn.k_proj.weight",
+    "cross_attn.k_proj.bias",
+    "cross_attn.v_proj.weight",
+    "cross_attn.v_proj.bias",
+)
 UNUSED_PARAM_PREFIXES = ("cross_attn.k_proj.", "cross_attn.v_proj.")
+# Exactly the parameters of the reference's GlideDecoderLayer.
+PUBLISHED_PARAMS = REQUIRED_PARAMS + UNUSED_PARAMS
 SHARED_PARAM_PREFIXES = ("embed_tokens.", "lm_head.")
 # Optional: the target token ids the draft may propose, sorted ([N] int64). The
 # draft's LM head is then the target's rows for these ids only (N x cheaper to
@@ -73,6 +97,11 @@ STACKED_PARAMS = (
 
 class DraftCheckpointError(ValueError):
     """The draft directory is missing, unreadable or does not fit the target."""
+
+
+def is_longspec_architecture(architectures) -> bool:
+    """Whether an hf_config's ``architectures`` names a LongSpec draft (either layout)."""
+    return bool(set(architectures or ()) & set(DRAFT_ARCHITECTURES))
 
 
 def canonical_name(name: str) -> str:
@@ -99,6 +128,12 @@ class DraftCheckpoint:
     config: dict[str, Any]
     # canonical reference name -> shape
     shapes: dict[str, tuple[int, ...]]
+
+    @property
+    def layout(self) -> str:
+        """"published" for the reference code's layout, else "longspec"."""
+        archs = set(self.config.get("architectures") or ())
+        return "published" if archs & set(PUBLISHED_ARCHITECTURES.values()) else "longspec"
 
     @property
     def longspec(self) -> dict[str, Any]:
@@ -243,22 +278,97 @@ def draft_config_for_target(
     return config
 
 
+def check_publishable(target_config: dict[str, Any], sliding_window: int | None) -> str:
+    """The published architecture name for a target; raise if the reference code
+    could not load or would misuse a draft for it in the published layout."""
+    archs = target_config.get("architectures") or []
+    name = next((PUBLISHED_ARCHITECTURES[a] for a in archs if a in PUBLISHED_ARCHITECTURES),
+                None)
+    if name is None:
+        raise DraftCheckpointError(
+            f"The published layout exists for {', '.join(PUBLISHED_ARCHITECTURES)} "
+            f"targets, not {archs}. Export with layout 'longspec'."
+        )
+    hidden, heads, _, head_dim = _attention_sizes(target_config)
+    if head_dim * heads != hidden:
+        raise DraftCheckpointError(
+            f"The reference code assumes head_dim = hidden_size / num_attention_heads "
+            f"({hidden} / {heads}); this target has head_dim {head_dim}. Export with "
+            "layout 'longspec'."
+        )
+    if sliding_window not in (None, DEFAULT_SLIDING_WINDOW):
+        raise DraftCheckpointError(
+            f"The published layout stores no window: the reference code and this "
+            f"plugin use {DEFAULT_SLIDING_WINDOW}, the draft was trained with "
+            f"{sliding_window}. Export with layout 'longspec'."
+        )
+    return name
+
+
+def published_tensors(tensors: dict[str, Any]) -> dict[str, Any]:
+    """Exactly ``PUBLISHED_PARAMS``: unused cross k/v kept if given, else zeros."""
+    import torch
+
+    missing = [name for name in REQUIRED_PARAMS if name not in tensors]
+    if missing:
+        raise DraftCheckpointError(f"Not a draft block: missing {', '.join(missing)}.")
+    extra = sorted(set(tensors) - set(PUBLISHED_PARAMS))
+    if extra:
+        hint = " (a draft vocabulary needs layout 'longspec')" if DRAFT_VOCAB in extra else ""
+        raise DraftCheckpointError(
+            f"The published layout holds only the draft block's parameters, not "
+            f"{', '.join(extra)}{hint}."
+        )
+    # Cross k/v have the self-attention's k/v shapes:
+    # [kv_heads * head_dim, hidden] weights, [kv_heads * head_dim] biases.
+    zeros = {
+        name: torch.zeros_like(tensors[name.replace("cross_attn", "self_attn")])
+        for name in UNUSED_PARAMS if name not in tensors
+    }
+    return {name: tensors[name] if name in tensors else zeros[name]
+            for name in PUBLISHED_PARAMS}
+
+
+def published_config(target_config: dict[str, Any], architecture: str, dtype
+                     ) -> dict[str, Any]:
+    """The target's config as ``save_pretrained`` of the reference's draft writes it."""
+    config = json.loads(json.dumps(target_config))
+    config["architectures"] = [architecture]
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = str(dtype).removeprefix("torch.")
+    return config
+
+
 def save_draft(
     directory: str | Path,
     state_dict: dict[str, Any],
     target_config: dict[str, Any],
     longspec: dict[str, Any],
+    layout: str = "longspec",
 ) -> Path:
-    """Write a draft directory (reference parameter names, no ``model.`` prefix)."""
+    """Write a draft directory (reference parameter names, no ``model.`` prefix).
+
+    ``layout="published"`` writes the reference code's layout (module docstring);
+    ``longspec`` then must not hold anything it cannot store (only the window 512).
+    """
     from safetensors.torch import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     tensors = {
         canonical_name(k): v.detach().contiguous().cpu() for k, v in state_dict.items()
     }
+    if layout == "published":
+        architecture = check_publishable(target_config, longspec.get("sliding_window"))
+        tensors = published_tensors(tensors)
+        config = published_config(target_config, architecture,
+                                  tensors["self_attn.q_proj.weight"].dtype)
+    else:
+        config = draft_config_for_target(target_config, longspec)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
-    config = draft_config_for_target(target_config, longspec)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return directory
 

@@ -7,7 +7,11 @@ Why: ``SpeculativeConfig.method`` is a closed ``Literal`` checked by pydantic
 How: for ``{"method": "longspec", ...}`` validate the LongSpec keys and the draft
     directory against the target (clear errors, before anything loads), then
     let the original build a ``"draft_model"`` config for the same directory and
-    mark its hf_config as a LongSpec draft (architecture, window, tree). A tree
+    mark its hf_config as a LongSpec draft (architecture, window, tree). Both
+    layouts get here: a published checkpoint's architecture name
+    (``LlamaGlideDecoderLayer``, ...) is registered with vLLM as an alias of
+    the LongSpec class (``plugin.register``), because vLLM builds the draft's
+    model config from config.json, with no overrides a caller can pass. A tree
     reserves one speculative slot per node and switches the hybrid tree
     attention backend on. Any other config goes to the original untouched.
 When it can go: when vLLM lets plugins register speculative methods.

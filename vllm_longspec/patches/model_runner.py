@@ -29,12 +29,12 @@ def tree_rounds_of(runner):
 
 
 def is_longspec_speculation(vllm_config) -> bool:
-    from vllm_longspec.model.checkpoint import ARCHITECTURE
+    from vllm_longspec.model.checkpoint import is_longspec_architecture
 
     spec = vllm_config.speculative_config
     if spec is None or spec.method != "draft_model" or spec.draft_model_config is None:
         return False
-    return ARCHITECTURE in (spec.draft_model_config.hf_config.architectures or [])
+    return is_longspec_architecture(spec.draft_model_config.hf_config.architectures)
 
 
 def apply() -> None:
