@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -63,6 +66,96 @@ def test_sampled_rows_accept_what_the_target_is_sure_of():
     result = verify_step({0: tree}, [2], torch.tensor([3, 4]), logits, sampling)
     assert result.sampled_token_ids.tolist() == [[4, 8, -1]]
     assert result.accepted_paths == {0: [1]}
+
+
+def test_a_greedy_tree_and_a_sampled_chain_of_the_same_shape():
+    """Issue 13: a greedy tree cut to one node (drafted in an all-greedy step,
+    so without draft distributions) next to a sampled row verifying a stale
+    chain of one token raised ValueError, which took the engine down."""
+    t = torch.tensor
+    result = verify_step({0: ProposedTree(t([5]), t([-1]), t([1]), None)}, [1, 1],
+                         t([5, 7]), _peaked([5, 3, 7, 2]), BatchSampling(t([0.0, 1.0])))
+    assert result.sampled_token_ids.tolist()[0] == [5, 3]
+    assert result.accepted_paths == {0: [0]}
+
+
+# A full tree [root; node 0 | nodes 1, 2 under node 0], and that tree cut by
+# the scheduler to 2 and 1 nodes: the cuts have the shapes of the chains of 2
+# and 1 drafts, so they are verified in the same group as those chains.
+ROW_SHAPES = {"prompt": 0, "chain1": 1, "chain2": 2, "tree": 3, "cut2": 2, "cut1": 1}
+ROW_KINDS = [(mode, shape) for mode in ("greedy", "sampled") for shape in ROW_SHAPES]
+
+
+@dataclass(frozen=True)
+class StepRow:
+    proposal: ProposedTree | None
+    drafts: torch.Tensor       # [n]
+    logits: torch.Tensor       # [n + 1, V]
+    temperature: float
+    seed: int
+
+
+def _step_row(kind: tuple[str, str], seed: int) -> StepRow:
+    """Random drafts; target logits that favour each slot's drafted children,
+    so that paths get accepted. Sampled trees carry their draft distributions,
+    greedy ones none (drafted in an all-greedy step)."""
+    (mode, shape), n = kind, ROW_SHAPES[kind[1]]
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(VOCAB, (3,), generator=gen)
+    probs = torch.softmax(torch.randn(2, VOCAB, generator=gen), -1)
+    proposal = None
+    if shape in ("tree", "cut2", "cut1"):
+        proposal = _tree(tokens.tolist(), [-1, 0, 0],
+                         probs if mode == "sampled" else None).cut(n)
+    logits = torch.randn(n + 1, VOCAB, generator=gen)
+    parents = [-1, 0, 0][:n] if proposal is not None else list(range(-1, n - 1))
+    for node, parent in enumerate(parents):
+        logits[parent + 1, tokens[node]] += 2.0
+    return StepRow(proposal, tokens[:n], logits, 0.0 if mode == "greedy" else 0.8, seed)
+
+
+def _verify_rows(rows: list[StepRow]):
+    sampling = BatchSampling(
+        torch.tensor([r.temperature for r in rows]),
+        top_k=torch.full((len(rows),), 8), top_p=torch.full((len(rows),), 0.95),
+        generators={i: torch.Generator().manual_seed(r.seed) for i, r in enumerate(rows)})
+    return verify_step(
+        {i: r.proposal for i, r in enumerate(rows) if r.proposal is not None},
+        [r.drafts.shape[0] for r in rows], torch.cat([r.drafts for r in rows]),
+        torch.cat([r.logits for r in rows]), sampling)
+
+
+MIXES = [list(pair) for pair in itertools.combinations_with_replacement(ROW_KINDS, 2)]
+
+
+@pytest.mark.parametrize("kinds", MIXES + [ROW_KINDS + ROW_KINDS[::-1]],
+                         ids=["+".join("-".join(k) for k in m) for m in MIXES] + ["all"])
+def test_a_mixed_step_verifies_each_row_as_if_alone(kinds):
+    """Every mix of greedy / sampled, prompt / chain / tree / cut-tree rows in
+    one step: each row's result is the one it gets verified alone (seeded rows
+    draw the same noise alone and in a batch)."""
+    rows = [_step_row(kind, seed) for seed, kind in enumerate(kinds)]
+    together = _verify_rows(rows)
+    for i, row in enumerate(rows):
+        alone = _verify_rows([row])
+        width = alone.sampled_token_ids.shape[1]
+        assert together.sampled_token_ids[i, :width].tolist() == \
+            alone.sampled_token_ids[0].tolist()
+        assert (together.sampled_token_ids[i, width:] == -1).all()
+        assert together.accepted_paths.get(i) == alone.accepted_paths.get(0)
+        if row.proposal is None:
+            assert i not in together.accepted_paths
+
+
+def test_mixed_steps_accept_drafts_of_every_kind():
+    """The mixes above are not vacuous: in a step of 4 rows of each kind,
+    drafts of every drafted kind get accepted."""
+    kinds = ROW_KINDS * 4
+    result = _verify_rows([_step_row(kind, seed) for seed, kind in enumerate(kinds)])
+    accepted = {kind for kind, tokens in zip(kinds, result.sampled_token_ids.tolist(),
+                                             strict=True)
+                if sum(token >= 0 for token in tokens) > 1}
+    assert accepted == {kind for kind in ROW_KINDS if kind[1] != "prompt"}
 
 
 def test_rounds_match_scheduled_drafts_with_trees():

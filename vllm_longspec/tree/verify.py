@@ -152,6 +152,23 @@ def verify(tree: DraftTree, target_logits: torch.Tensor, sampling: BatchSampling
     return Verification.where(greedy, verify_greedy(tree, target_logits), sampled)
 
 
+def first_child_draft_probs(tree: DraftTree, vocab_size: int) -> torch.Tensor:
+    """[B, N, V] q for proposals that were not drawn from a known distribution:
+    at slots 0..N-1, one-hot on the slot's first child (zeros for a leaf).
+
+    A slot then tries its first child only (accepted with probability p(token);
+    after a rejection q has no mass left and the other children count as
+    padding). That is lossless for tokens chosen by any rule that does not see
+    the verification's randomness: P(emit x) = P(c = x) p(x) + sum over c != x
+    of P(c) (1 - p(c)) p(x) / (1 - p(c)) = p(x). A chain's drafts are the
+    deterministic proposals of vLLM's rejection sampler without draft probs.
+    """
+    first_child = tree.children[:, :-1, 0]                 # [B, N]; slot N is a leaf
+    tokens = tree.tokens.gather(1, first_child.clamp(min=0))
+    one_hot = torch.nn.functional.one_hot(tokens, vocab_size).float()
+    return one_hot * (first_child >= 0).unsqueeze(-1)
+
+
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """normalise(max(p - q, 0)) over the last dim; p itself where p <= q everywhere
     (after a rejection only rounding gets there)."""

@@ -6,24 +6,30 @@ logits, one per slot (root first), rows of consecutive requests following each
 other. A row is verified as:
 
 - its tree (``ProposedTree``) when it carries one: ``tree.verify``;
-- a chain when it carries drafts but no tree (e.g. the zero drafts vLLM
-  schedules when the drafter could not run); without draft distributions the
-  drafts count as deterministic proposals (q one-hot), which is lossless;
+- a chain when it carries drafts but no tree (e.g. a request whose tree was
+  not scheduled in the step after it was drafted, re-verifying vLLM's stale
+  drafts);
 - its bonus token alone when it carries no drafts (a prompt chunk).
 
-Rows of the same shape are verified together. The result is vLLM's format:
-``[num_reqs, max_drafts + 1]`` int32, each row its accepted tokens then the
-bonus token, -1 padded.
+A sampled row is verified against the draft distributions its tree's children
+were drawn from, cut and zero-padded to the scheduled nodes. A row without them
+(a chain, a tree drafted in an all-greedy step) counts its drafts as
+deterministic proposals (``first_child_draft_probs``), which is lossless;
+greedy rows never need them. Rows of the same shape are verified together.
+The result is vLLM's format: ``[num_reqs, max_drafts + 1]`` int32, each row its
+accepted tokens then the bonus token, -1 padded.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from vllm_longspec.tree import BatchSampling, DraftTree, verify
+from vllm_longspec.tree.verify import first_child_draft_probs
 from vllm_longspec.tree_runner.rounds import ProposedTree
 
 PLACEHOLDER_TOKEN_ID = -1  # vLLM's rejection_sampler.PLACEHOLDER_TOKEN_ID
@@ -45,14 +51,14 @@ def verify_step(
     sampling: BatchSampling,
 ) -> StepVerification:
     """Verify every row of the batch; ``trees`` maps tree rows to their tree."""
-    num_reqs = len(num_drafts)
-    draft_starts = [0] * num_reqs
-    logit_starts = [0] * num_reqs
-    for row in range(1, num_reqs):
-        draft_starts[row] = draft_starts[row - 1] + num_drafts[row - 1]
-        logit_starts[row] = logit_starts[row - 1] + num_drafts[row - 1] + 1
+    device = logits.device
+    num_reqs, vocab_size = len(num_drafts), logits.shape[-1]
+    # e.g. num_drafts [2, 0, 3]: drafts start at [0, 2, 2], logits at [0, 3, 4]
+    draft_starts = torch.tensor([0, *itertools.accumulate(num_drafts)][:num_reqs],
+                                device=device)
+    logit_starts = draft_starts + torch.arange(num_reqs, device=device)
 
-    shapes: dict[tuple, list[int]] = {}
+    shapes: dict[tuple[int, ...], list[int]] = {}
     for row, n in enumerate(num_drafts):
         tree = trees.get(row)
         shape = (tuple(tree.parents.tolist()) if tree is not None
@@ -60,46 +66,45 @@ def verify_step(
         shapes.setdefault(shape, []).append(row)
 
     out = torch.full((num_reqs, max(num_drafts) + 1), PLACEHOLDER_TOKEN_ID,
-                     dtype=torch.int32, device=logits.device)
+                     dtype=torch.int32, device=device)
     accepted_paths: dict[int, list[int]] = {}
     for parents, rows in shapes.items():
         n = len(parents)
-        index = torch.tensor(rows, device=logits.device)
-        # [G, n + 1, V]
-        row_logits = logits[torch.tensor(logit_starts, device=logits.device)[index, None]
-                            + torch.arange(n + 1, device=logits.device)]
+        index = torch.tensor(rows, device=device)
+        slots = torch.arange(n + 1, device=device)
+        row_logits = logits[logit_starts[index, None] + slots]  # [G, n + 1, V]
         row_sampling = sampling.select(rows)
         if n == 0:
             out[index, 0] = _sample_bonus(row_logits[:, 0], row_sampling).to(torch.int32)
             continue
-        tokens = torch.stack([draft_token_ids[draft_starts[r]:draft_starts[r] + n]
-                              for r in rows]).long()
-        tree = DraftTree.from_parents(tokens, torch.tensor([parents] * len(rows)))
+        tokens = draft_token_ids[draft_starts[index, None] + slots[:n]].long()  # [G, n]
+        tree = DraftTree.from_parents(tokens, torch.tensor(parents, device=device)
+                                      .expand(len(rows), n))
         draft_probs = None
         if not bool(row_sampling.is_greedy.all()):
-            draft_probs = torch.stack([
-                _draft_probs(trees.get(r), tokens[i], logits.shape[-1])
-                for i, r in enumerate(rows)])
+            draft_probs = _draft_probs(tree, [trees.get(row) for row in rows],
+                                       row_sampling.is_greedy.tolist(), vocab_size)
         verification = verify(tree, row_logits, row_sampling, draft_probs)
         emitted = verification.emitted_tokens.to(torch.int32)  # [G, depth + 1]
         out[index, : emitted.shape[1]] = emitted
-        for i, row in enumerate(rows):
+        for row, path in zip(rows, verification.accepted_nodes.tolist(), strict=True):
             if row in trees:
-                path = verification.accepted_nodes[i]
-                accepted_paths[row] = path[path >= 0].tolist()
+                accepted_paths[row] = [node for node in path if node >= 0]
     return StepVerification(out, accepted_paths)
 
 
-def _draft_probs(tree: ProposedTree | None, tokens: torch.Tensor,
-                 vocab_size: int) -> torch.Tensor:
-    """[n, V] q at slots 0..n-1 (every slot that can have children)."""
-    n = tokens.shape[0]
-    if tree is None:  # deterministic chain proposals: slot s proposed tokens[s]
-        return torch.nn.functional.one_hot(tokens, vocab_size).float()
-    if tree.draft_probs is None:
-        raise ValueError("a sampled request's tree carries no draft distributions")
-    probs = tree.draft_probs[:n]
-    return torch.nn.functional.pad(probs, (0, 0, 0, n - probs.shape[0]))
+def _draft_probs(tree: DraftTree, proposed: Sequence[ProposedTree | None],
+                 greedy: Sequence[bool], vocab_size: int) -> torch.Tensor:
+    """[G, n, V] q at slots 0..n-1 (every slot that can have children) of a
+    group's rows: each sampled tree's own (cut, then zero-padded: a level-ordered
+    tree leaves out its leaves' rows), first-child one-hots for the others."""
+    n = tree.num_nodes
+    probs = first_child_draft_probs(tree, vocab_size)
+    for i, (proposal, is_greedy) in enumerate(zip(proposed, greedy, strict=True)):
+        if proposal is not None and proposal.draft_probs is not None and not is_greedy:
+            own = proposal.draft_probs[:n]
+            probs[i] = torch.nn.functional.pad(own, (0, 0, 0, n - own.shape[0]))
+    return probs
 
 
 def _sample_bonus(logits: torch.Tensor, sampling: BatchSampling) -> torch.Tensor:
