@@ -1,6 +1,7 @@
 """The ``vllm-longspec`` command: one subcommand per tool.
 
     vllm-longspec train --config CONFIG [--resume]    train a draft (train/cli.py)
+        [--layout published]                      ... saved as the reference code saves it
     vllm-longspec distill --sources GLOB --out FILE   the target's own answers (distill.py)
     vllm-longspec draft-vocab DRAFT --jsonl FILE --size N   cheaper draft LM head
     vllm-longspec evaluate --draft DIR [--prompts FILE]     accepted length, no vLLM

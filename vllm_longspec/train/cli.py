@@ -5,7 +5,9 @@
 
 ``--output-dir``, ``--target``, ``--num-threads`` and ``--device`` override the config;
 ``--max-steps N`` stops after N steps with a checkpoint (smoke tests, time
-slicing: run again with ``--resume``).
+slicing: run again with ``--resume``). ``--layout published`` exports the draft
+as the reference code (sail-sg/LongSpec) saves one; ``--resume`` of a finished
+run only exports again, so it rewrites a finished draft in another layout.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import sys
 
 
 def build_parser(prog: str = "vllm-longspec train") -> argparse.ArgumentParser:
+    from vllm_longspec.model.checkpoint import LAYOUTS
+
     parser = argparse.ArgumentParser(
         prog=prog, description="Train a LongSpec draft from a config file."
     )
@@ -28,12 +32,17 @@ def build_parser(prog: str = "vllm-longspec train") -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu (default) or cuda[:N] (untested on a GPU so far)")
     parser.add_argument("--max-steps", type=int,
                         help="stop after this many steps of this run (checkpointed)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="longspec",
+                        help="export layout: longspec (default; window and training "
+                        "summary in config.json) or published (the reference code's "
+                        "LlamaGlideDecoderLayer / Qwen2GlideDecoderLayer directory)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[train] %(message)s")
+    from vllm_longspec.model.checkpoint import DraftCheckpointError
     from vllm_longspec.train.config import TrainConfigError, load_config
     from vllm_longspec.train.trainer import Trainer
 
@@ -49,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainConfigError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    draft_dir = trainer.run(max_steps=args.max_steps)
+    try:
+        draft_dir = trainer.run(max_steps=args.max_steps, layout=args.layout)
+    except DraftCheckpointError as err:  # checked before the first step
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if draft_dir is None:
         print(f"stopped after --max-steps; resume with --resume "
               f"(checkpoint in {config.output_dir})")

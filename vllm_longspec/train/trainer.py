@@ -6,7 +6,8 @@ shift from the step's own generator, backpropagate each micro-batch's share of
 the loss, clip the gradient norm, step AdamW. Every ``checkpoint_every`` steps
 (and at the end of each stage) the full trainer state goes atomically to
 ``output_dir/checkpoint-last.pt`` and the loss curve is redrawn; at the end the
-draft is exported to ``output_dir/draft`` with ``save_draft``.
+draft is exported to ``output_dir/draft`` with ``save_draft``, in our layout or
+the reference code's (``layout="published"``).
 
 Resuming loads that checkpoint and continues bit-for-bit: weights, optimiser
 moments, step counters (the lr depends only on them), the data position, RNG.
@@ -206,9 +207,14 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------
 
-    def run(self, max_steps: int | None = None) -> Path | None:
+    def run(self, max_steps: int | None = None, layout: str = "longspec") -> Path | None:
         """Train to the end and export (returns the draft dir); with ``max_steps``,
-        stop after that many steps of this run with a checkpoint (returns None)."""
+        stop after that many steps of this run with a checkpoint (returns None).
+        ``layout`` is the export's (``save_draft``), checked before training."""
+        if layout == "published":
+            from vllm_longspec.model.checkpoint import check_publishable
+
+            check_publishable(self.target_config, self.config.sliding_window)
         stages, steps_this_run = self.config.stages, 0
         while self.progress.stage_index < len(stages):
             stage = stages[self.progress.stage_index]
@@ -235,7 +241,7 @@ class Trainer:
             self.progress.stage_step = 0
             self.stream = None
             self.save()
-        return self.export()
+        return self.export(layout)
 
     # -- state -------------------------------------------------------------
 
@@ -269,7 +275,9 @@ class Trainer:
                  self.progress.global_step, self.progress.stage_index,
                  self.progress.stage_step)
 
-    def export(self) -> Path:
+    def export(self, layout: str = "longspec") -> Path:
+        """Write ``output_dir/draft``; layout "published" is the reference code's
+        (no ``longspec`` section: the summary below is then not stored)."""
         from vllm_longspec.model.checkpoint import save_draft
 
         summary = {
@@ -289,6 +297,7 @@ class Trainer:
             self.output_dir / "draft", self.draft.state_dict(), self.target_config,
             {"sliding_window": self.config.sliding_window,
              "target": str(self.target_path), "trained": summary},
+            layout=layout,
         )
         log.info("exported the draft to %s", directory)
         return directory
