@@ -10,20 +10,23 @@ from vllm_longspec.tree import BatchSampling
 
 def naive_target_probs(logits: torch.Tensor, temperature: float, top_k: int,
                        top_p: float) -> torch.Tensor:
-    """One row: temperature, keep the top_k, then the smallest head of mass >= top_p."""
+    """One row, vLLM's rule: temperature; keep every token whose logit is at
+    least the k-th largest; then drop the least likely tokens while their
+    total mass is at most 1 - top_p, keeping the most likely one."""
     probs = torch.softmax(logits.double() / (temperature or 1.0), -1)
-    order = probs.argsort(descending=True).tolist()
     if top_k > 0:
-        order = order[:top_k]
-    kept, mass, total = [], 0.0, float(probs[order].sum())
-    for token in order:
-        if mass >= top_p:
+        kth_largest = sorted(logits.tolist(), reverse=True)[top_k - 1]
+        probs = probs * (logits >= kth_largest)
+        probs = probs / probs.sum()
+    dropped = 0.0
+    for token in probs.argsort().tolist()[:-1]:
+        if probs[token] == 0:
+            continue
+        if dropped + float(probs[token]) > 1 - top_p:
             break
-        kept.append(token)
-        mass += float(probs[token]) / total
-    out = torch.zeros_like(probs)
-    out[kept] = probs[kept]
-    return out / out.sum()
+        dropped += float(probs[token])
+        probs[token] = 0.0
+    return probs / probs.sum()
 
 
 def test_target_probs_apply_temperature_top_k_top_p_per_row():
@@ -37,6 +40,32 @@ def test_target_probs_apply_temperature_top_k_top_p_per_row():
             expected = naive_target_probs(logits[row, slot], t, k, p)
             torch.testing.assert_close(probs[row, slot].double(), expected,
                                        atol=1e-6, rtol=0)
+
+
+def test_top_k_keeps_every_token_tied_with_the_kth():
+    """bf16-rounded logits on a coarse grid, so the k-th logit is tied with the
+    next in most rows (top-p is left out: which tied tokens it keeps follows
+    torch.sort's order, checked against vLLM in tests/unit)."""
+    gen = torch.Generator().manual_seed(3)
+    logits = ((torch.randn(64, 12, generator=gen) * 2).round() / 2).bfloat16().float()
+    top_k = torch.randint(1, 12, (64,), generator=gen)
+    temperature = torch.rand(64, generator=gen) + 0.5
+    probs = BatchSampling(temperature, top_k).target_probs(logits)
+    more_than_k = 0
+    for row in range(64):
+        expected = naive_target_probs(logits[row], float(temperature[row]),
+                                      int(top_k[row]), 1.0)
+        torch.testing.assert_close(probs[row].double(), expected, atol=1e-6, rtol=0)
+        more_than_k += int((expected > 0).sum() > top_k[row])
+    assert more_than_k > 16
+
+
+def test_the_issue_example():
+    """Logits [3, 2, 2, 1, 0] with top_k 2 keep both tokens tied at 2."""
+    probs = BatchSampling(torch.ones(1), torch.tensor([2])).target_probs(
+        torch.tensor([[3.0, 2.0, 2.0, 1.0, 0.0]]))
+    torch.testing.assert_close(probs, torch.tensor([[0.58, 0.21, 0.21, 0.0, 0.0]]),
+                               atol=5e-3, rtol=0)
 
 
 def test_draft_log_probs_use_the_temperature_only():
@@ -70,4 +99,5 @@ def test_select_keeps_each_rows_settings_and_generator():
     assert chosen.top_k.tolist() == [3, 0]
     torch.testing.assert_close(chosen.top_p, torch.tensor([0.7, 1.0]))
     assert chosen.generators == {0: gens[3]}
+    assert chosen.top_k_top_p is sampling.top_k_top_p
     assert BatchSampling(torch.zeros(2)).select([1]).top_k is None

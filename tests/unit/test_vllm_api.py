@@ -130,6 +130,8 @@ CALLED_WITH = [
     ("vllm", "ModelRegistry.get_supported_archs", []),
     ("vllm.distributed", "get_tensor_model_parallel_world_size", []),
     ("vllm.model_executor.layers.activation", "SiluAndMul.__init__", []),
+    # Tree mode's target distribution (tree_runner/sampling.py), positionally.
+    ("vllm.v1.sample.ops.topk_topp_sampler", "apply_top_k_top_p", ["logits", "k", "p"]),
 ]
 
 # (module, qualified name, substrings its source must contain): behaviours we rely on.

@@ -4,6 +4,7 @@ tree builder and lossless verification. See docs/tree-speculation.md."""
 from vllm_longspec.tree.beam import BeamTree, BeamTreeBuilder, TreeLevel
 from vllm_longspec.tree.sampling import BatchSampling
 from vllm_longspec.tree.structure import DraftTree, RaggedTrees
+from vllm_longspec.tree.top_k_top_p import TopKTopP, top_k_top_p_reference
 from vllm_longspec.tree.verify import (
     Verification,
     VerifyNoise,
@@ -18,9 +19,11 @@ __all__ = [
     "BeamTreeBuilder",
     "DraftTree",
     "RaggedTrees",
+    "TopKTopP",
     "TreeLevel",
     "Verification",
     "VerifyNoise",
+    "top_k_top_p_reference",
     "verify",
     "verify_greedy",
     "verify_sampling",

@@ -1,11 +1,13 @@
 """How each request of a batch samples, and the random draws that follows from it.
 
 Greedy requests have temperature 0. For the others the target distribution is
-vLLM's: logits / temperature, then top-k, then top-p (on the top-k
-renormalised distribution, keeping at least the most likely token). The draft
-distribution gets the temperature only: verification is lossless for any draft
-distribution, provided the candidates are drawn from it and verification is
-handed the same one.
+vLLM's: logits / temperature, then vLLM's top-k / top-p filter, then softmax.
+The filter is a function (``top_k_top_p``): the runner hands in vLLM's own,
+the pure package defaults to a plain-torch reference of it
+(``top_k_top_p.py``, where its semantics are spelled out: ties with the k-th
+logit are kept). The draft distribution gets the temperature only:
+verification is lossless for any draft distribution, provided the candidates
+are drawn from it and verification is handed the same one.
 
 Randomness: a row listed in ``generators`` (a seeded request) draws from its own
 generator, the other rows from torch's default generator, as in vLLM's sampler.
@@ -13,10 +15,13 @@ generator, the other rows from torch's default generator, as in vLLM's sampler.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+
+from vllm_longspec.tree.top_k_top_p import TopKTopP, top_k_top_p_reference
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class BatchSampling:
     top_k: torch.Tensor | None = None    # [B] int, <= 0 = off
     top_p: torch.Tensor | None = None    # [B] float, >= 1 = off
     generators: Mapping[int, torch.Generator] = field(default_factory=dict)
+    top_k_top_p: TopKTopP = top_k_top_p_reference
 
     @classmethod
     def greedy(cls, batch_size: int, device: torch.device | str = "cpu") -> BatchSampling:
@@ -38,11 +44,13 @@ class BatchSampling:
         """The settings of ``rows``, in that order; generators follow their rows."""
         index = torch.tensor(rows, dtype=torch.long, device=self.temperature.device)
         renumber = {row: i for i, row in enumerate(rows)}
-        return BatchSampling(
-            self.temperature[index],
-            None if self.top_k is None else self.top_k[index],
-            None if self.top_p is None else self.top_p[index],
-            {renumber[row]: gen for row, gen in self.generators.items() if row in renumber},
+        return dataclasses.replace(
+            self,
+            temperature=self.temperature[index],
+            top_k=None if self.top_k is None else self.top_k[index],
+            top_p=None if self.top_p is None else self.top_p[index],
+            generators={renumber[row]: gen for row, gen in self.generators.items()
+                        if row in renumber},
         )
 
     @property
@@ -59,23 +67,22 @@ class BatchSampling:
 
         Greedy rows get temperature 1 and no filtering (they verify by argmax).
         """
-        probs = torch.softmax(self._scaled(logits), dim=-1)
+        scaled = self._scaled(logits)  # a new tensor: the filter may write into it
         if self.top_k is None and self.top_p is None:
-            return probs
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        keep = torch.ones_like(sorted_probs, dtype=torch.bool)
-        if self.top_k is not None:
-            rank = torch.arange(probs.shape[-1], device=probs.device)
-            top_k = self._per_row(self.top_k, probs)
-            keep &= (top_k <= 0) | (rank < top_k)
-        if self.top_p is not None:
-            kept = sorted_probs * keep
-            kept = kept / kept.sum(-1, keepdim=True)
-            mass_before = kept.cumsum(-1) - kept
-            top_p = self._per_row(self.top_p, probs)
-            keep &= (top_p >= 1) | (mass_before < top_p)
-        filtered = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
-        return filtered / filtered.sum(-1, keepdim=True)
+            return torch.softmax(scaled, dim=-1)
+        vocab = logits.shape[-1]
+        slots_per_row = scaled[0].numel() // vocab if self.batch_size else 0
+        top_k = top_p = None
+        if self.top_k is not None:  # off (<= 0, >= V) and greedy rows: k = V
+            off = self.is_greedy | (self.top_k <= 0) | (self.top_k >= vocab)
+            top_k = torch.where(off, vocab, self.top_k).long()
+        if self.top_p is not None:  # off and greedy rows: p = 1
+            top_p = torch.where(self.is_greedy, 1.0, self.top_p.clamp(max=1.0)).float()
+        filtered = self.top_k_top_p(
+            scaled.reshape(-1, vocab),
+            None if top_k is None else top_k.repeat_interleave(slots_per_row),
+            None if top_p is None else top_p.repeat_interleave(slots_per_row))
+        return torch.softmax(filtered, dim=-1).view_as(logits)
 
     def uniforms(self, *shape: int, device: torch.device | str) -> torch.Tensor:
         """[B, *shape] independent U[0, 1) draws."""

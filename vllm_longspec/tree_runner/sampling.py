@@ -1,18 +1,24 @@
 """Sampling in tree mode: vLLM's settings as ``BatchSampling``, and what is refused.
 
 Tree drafting and verification support what ``BatchSampling`` models:
-temperature, top-k, top-p and seeded generators. Settings whose meaning along a
-tree branch vLLM's chain code does not give (penalties, bad words and minimum
-lengths depend on the tokens before each slot, grammars walk one sequence,
-logprobs are reported per chain position), or that vLLM applies outside the
-rejection sampler, are refused when a request carrying them arrives: by the
-front end's request validation (``patches/request_validation.py``, the request
-fails alone), and again by the worker as a safeguard.
+temperature, top-k, top-p and seeded generators. The target distribution is
+filtered by vLLM's own top-k / top-p function (``apply_top_k_top_p``), the one
+its sampler and rejection sampler use, so tree mode samples what vLLM samples
+(tokens tied with the k-th logit included).
+
+Settings whose meaning along a tree branch vLLM's chain code does not give
+(penalties, bad words and minimum lengths depend on the tokens before each
+slot, grammars walk one sequence, logprobs are reported per chain position),
+or that vLLM applies outside the rejection sampler, are refused when a request
+carrying them arrives: by the front end's request validation
+(``patches/request_validation.py``, the request fails alone), and again by the
+worker as a safeguard.
 """
 
 from __future__ import annotations
 
 import torch
+from vllm.v1.sample.ops import topk_topp_sampler
 
 from vllm_longspec.tree.sampling import BatchSampling
 
@@ -72,6 +78,8 @@ def batch_sampling(sampling_metadata, num_reqs: int) -> BatchSampling:
         generators={row: generator
                     for row, generator in sampling_metadata.generators.items()
                     if row < num_reqs},
+        # looked up at each step, so a patch of vLLM's function applies here too
+        top_k_top_p=topk_topp_sampler.apply_top_k_top_p,
     )
 
 
