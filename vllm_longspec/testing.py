@@ -153,8 +153,11 @@ class DraftRecorder:
     def active(self) -> bool:
         return self.rounds < self.max_rounds
 
-    def capture(self, model) -> list[torch.Tensor]:
-        """Wrap ``model.compute_logits`` until ``release``; returns the list it fills."""
+    @staticmethod
+    def capture(model) -> list[torch.Tensor]:
+        """Wrap ``model.compute_logits`` until ``release``; returns the list it fills
+        (one [num_rows, vocab] float32 copy per call: a chain's draft steps, or a
+        tree's levels, ``tests/unit/test_tree_draft_parity.py``)."""
         captured: list[torch.Tensor] = []
         compute_logits = model.compute_logits
 
