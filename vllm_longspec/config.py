@@ -23,6 +23,10 @@ MAX_TREE_NODES = 127
 # `"tree": true`: the shape measured best on the development machine (2-core
 # CPU, shipped draft, 4k-7k prompts; docs/tree-speculation.md, "Measured").
 DEFAULT_TREE = (2, 2, 2)
+# Noise shifts j a draft was trained with (spec section 2: the reference draws
+# j in 1..4; so does `vllm-longspec train` by default) when its config.json
+# records none (``longspec.trained.noise_shift``): published drafts, random ones.
+DEFAULT_TRAINED_NOISE_SHIFT = (1, 4)
 
 DraftSampleMethod = Literal["greedy", "probabilistic"]
 
@@ -139,6 +143,33 @@ class LongSpecConfig:
     def num_draft_tokens(self) -> int | None:
         """Tokens drafted per step: the tree's nodes or the chain's length."""
         return sum(self.tree) if self.tree is not None else self.num_speculative_tokens
+
+
+def trained_noise_shift(longspec: dict[str, Any]) -> tuple[int, int]:
+    """[low, high] noise shifts of a draft's training, from its config.json
+    ``longspec`` section (``DEFAULT_TRAINED_NOISE_SHIFT`` when not recorded)."""
+    trained = longspec.get("trained") or {}
+    low, high = trained.get("noise_shift") or DEFAULT_TRAINED_NOISE_SHIFT
+    return int(low), int(high)
+
+
+def check_tree_depth(tree: tuple[int, ...] | None, noise_shift: tuple[int, int]) -> None:
+    """Refuse trees deeper than the draft's trained noise shifts.
+
+    The root's children are drafted with noise shift 1 (the chain's first step)
+    and the children of a depth-d node with shift d + 1, so a tree of L levels
+    needs shifts 1..L: e.g. [4, 4, 4, 4] uses 1..4, a fifth level would use 5.
+    """
+    if tree is None or len(tree) <= noise_shift[1]:
+        return
+    high = noise_shift[1]
+    raise LongSpecConfigError(
+        f"Key 'tree' {list(tree)} has {len(tree)} levels: drafting level {len(tree)} "
+        f"uses noise shift {len(tree)}, but the draft was trained with noise shifts "
+        f"{noise_shift[0]}..{high} (config.json longspec.trained.noise_shift, "
+        f"default {list(DEFAULT_TRAINED_NOISE_SHIFT)}). Give at most {high} levels, "
+        f"e.g. {list(tree[:high])}, or train the draft with noise_shift "
+        f"[1, {len(tree)}].")
 
 
 def _parse_tree(tree: Any) -> tuple[int, ...] | None:

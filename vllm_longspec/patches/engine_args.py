@@ -27,6 +27,8 @@ from vllm_longspec.config import (
     DEFAULT_NUM_SPECULATIVE_TOKENS,
     METHOD_NAME,
     LongSpecConfig,
+    check_tree_depth,
+    trained_noise_shift,
 )
 
 _orig_create_speculative_config = None
@@ -76,6 +78,7 @@ def build_longspec_speculative_config(
     config = LongSpecConfig.from_user_dict(options)
     draft = read_draft_checkpoint(config.model)
     check_draft_matches_target(draft, target_model_config.hf_text_config)
+    check_tree_depth(config.tree, trained_noise_shift(draft.longspec))
     check_engine_supported(engine_args, target_parallel_config)
 
     engine_args.spec_method = engine_args.spec_model = engine_args.spec_tokens = None
