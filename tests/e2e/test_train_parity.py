@@ -13,6 +13,9 @@ noise shift gives different logits, so agreement is not an accident of a draft
 that ignores the target cache. The draft carries a draft vocabulary (a random
 half of the target's), so the same run checks that the vLLM draft's LM head
 covers exactly those tokens.
+
+Tree levels (node at depth d: position root + d, shift d + 1) are checked the
+same way without an engine, in ``tests/unit/test_tree_draft_parity.py``.
 """
 
 from __future__ import annotations
