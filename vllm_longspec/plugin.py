@@ -55,8 +55,13 @@ def register() -> None:
     patches.apply_all()
     install_step_timer_from_env()
     if os.environ.get(HYBRID_ATTENTION_ENV) == "1":
-        # Opt-in for chains, where vLLM's kernel is faster; a tree config turns it
-        # on by itself (patches/engine_args.enable_tree_attention).
+        # Registers the hybrid backend in this process; a tree config turns it on
+        # by itself (patches/engine_args.enable_tree_attention). Alone it changes
+        # nothing for chains: rows without a tree keep vLLM's kernel unless
+        # VLLM_LONGSPEC_HYBRID_CHAINS=1 too (attention/spec_trees.py). Chains stay
+        # on vLLM's kernel by default: the hybrid path is faster on the attention
+        # alone at 5 tokens, but measured within noise end to end
+        # (docs/hybrid-attention.md, "Measured").
         from vllm_longspec.attention.backend import register_attention_backend
 
         register_attention_backend(force=True)
