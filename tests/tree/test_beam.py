@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from tv_bound import detectable_tv, tv_threshold
 
 from vllm_longspec.tree import BatchSampling, BeamTreeBuilder
 from vllm_longspec.tree.beam import child_counts
@@ -109,21 +110,25 @@ def test_sampled_rows_keep_the_beam_shape_rule_and_record_q():
 
 
 def test_sampled_children_are_draws_without_replacement():
-    # Root with 3 children over V = 5, 20000 rows at once: the (first, second)
-    # child pairs must follow q(a) q(b) / (1 - q(a)). 20 categories; by
-    # Bretagnolle-Huber-Carol P(TV >= 0.03) <= 2**20 exp(-2 * 20000 * 0.03**2) < 3e-10.
-    rows, temperature = 20_000, 0.7
+    """Root with 3 children over V = 5, 10**6 rows at once: the (first, second)
+    child pairs must follow q(a) q(b) / (1 - q(a)). Over the 25 (a, b) bins, by
+    Bretagnolle-Huber-Carol (``tv_bound``), a correct builder reaches TV 0.0039
+    with probability below 1e-6, and one whose pair law is 0.0071 or more from
+    the right one (in TV) fails with probability at least 0.9."""
+    rows, temperature, categories, false_failure = 1_000_000, 0.7, 25, 1e-6
+    assert detectable_tv(rows, categories, false_failure) <= 0.01
     logits = torch.tensor([1.0, 0.2, -0.5, 0.7, -2.0])
     q = torch.softmax(logits.double() / temperature, -1)
     torch.manual_seed(1)
     builder = BeamTreeBuilder([3], BatchSampling(torch.full((rows,), temperature)))
     level = builder.expand(logits.expand(rows, 1, 5))
     pairs = level.tokens[:, 0] * 5 + level.tokens[:, 1]
-    frequency = torch.bincount(pairs, minlength=25).double() / rows
-    expected = torch.zeros(25, dtype=torch.float64)
+    frequency = torch.bincount(pairs, minlength=categories).double() / rows
+    expected = torch.zeros(categories, dtype=torch.float64)
     for a, b in itertools.permutations(range(5), 2):
         expected[a * 5 + b] = q[a] * q[b] / (1 - q[a])
-    assert (frequency - expected).abs().sum() / 2 < 0.03
+    distance = float((frequency - expected).abs().sum() / 2)
+    assert distance < tv_threshold(rows, categories, false_failure)
 
 
 def test_children_beyond_the_draft_support_are_padding():

@@ -51,15 +51,15 @@ class ToyLM:
         return self.table[context_ids].log().float()
 
 
-def slot_context_ids(tree: DraftTree, contexts: Sequence[Sequence[int]],
+def slot_context_ids(tree: DraftTree, root_ids: torch.Tensor, root_lengths: torch.Tensor,
                      lm: ToyLM) -> torch.Tensor:
-    """[B, N + 1] context id of every slot: the request's context, then its path."""
+    """[B, N + 1] context id of every slot: the request's context (id and
+    length, each [B]), then its path."""
     base = lm.vocab + 1
     ids = torch.zeros(tree.batch_size, tree.num_nodes + 1, dtype=torch.int64)
-    ids[:, 0] = torch.tensor([lm.context_id(c) for c in contexts])
-    lengths = torch.tensor([len(c) for c in contexts])
+    ids[:, 0] = root_ids
     for node in range(tree.num_nodes):
         parent_ids = ids.gather(1, tree.parents[:, node:node + 1] + 1).squeeze(1)
-        power = base ** (lengths + tree.depths[:, node] - 1)
+        power = base ** (root_lengths + tree.depths[:, node] - 1)
         ids[:, node + 1] = parent_ids + (tree.tokens[:, node] + 1) * power
     return ids
