@@ -82,28 +82,37 @@ def verify_step(
                                       .expand(len(rows), n))
         draft_probs = None
         if not bool(row_sampling.is_greedy.all()):
-            draft_probs = _draft_probs(tree, [trees.get(row) for row in rows],
-                                       row_sampling.is_greedy.tolist(), vocab_size)
+            draft_probs = _draft_probs(tree, rows, trees, row_sampling.is_greedy.tolist(),
+                                       vocab_size)
         verification = verify(tree, row_logits, row_sampling, draft_probs)
         emitted = verification.emitted_tokens.to(torch.int32)  # [G, depth + 1]
         out[index, : emitted.shape[1]] = emitted
-        for row, path in zip(rows, verification.accepted_nodes.tolist(), strict=True):
+        num_accepted = (verification.num_emitted - 1).tolist()
+        for row, path, count in zip(rows, verification.accepted_nodes.tolist(),
+                                    num_accepted, strict=True):
             if row in trees:
-                accepted_paths[row] = [node for node in path if node >= 0]
+                accepted_paths[row] = path[:count]
     return StepVerification(out, accepted_paths)
 
 
-def _draft_probs(tree: DraftTree, proposed: Sequence[ProposedTree | None],
+def _draft_probs(tree: DraftTree, rows: Sequence[int], trees: Mapping[int, ProposedTree],
                  greedy: Sequence[bool], vocab_size: int) -> torch.Tensor:
     """[G, n, V] q at slots 0..n-1 (every slot that can have children) of a
     group's rows: each sampled tree's own (cut, then zero-padded: a level-ordered
     tree leaves out its leaves' rows), first-child one-hots for the others."""
     n = tree.num_nodes
     probs = first_child_draft_probs(tree, vocab_size)
-    for i, (proposal, is_greedy) in enumerate(zip(proposed, greedy, strict=True)):
+    own_rows, own_probs = [], []
+    for i, (row, is_greedy) in enumerate(zip(rows, greedy, strict=True)):
+        proposal = trees.get(row)
         if proposal is not None and proposal.draft_probs is not None and not is_greedy:
-            own = proposal.draft_probs[:n]
-            probs[i] = torch.nn.functional.pad(own, (0, 0, 0, n - own.shape[0]))
+            own = proposal.draft_probs
+            own_rows.append(i)
+            own_probs.append(own if own.shape[0] <= n else own[:n])
+    if own_rows:
+        # [G', R, V] zero-padded to the longest, R <= n
+        padded = torch.nn.utils.rnn.pad_sequence(own_probs, batch_first=True)
+        probs[torch.tensor(own_rows, device=probs.device), :padded.shape[1]] = padded
     return probs
 
 
