@@ -91,9 +91,17 @@ def test_the_bound_detects_a_bias_of_0_01():
 def test_emitted_tokens_follow_the_target(temperature, deterministic_children):
     target, draft = ToyLM(VOCAB, seed=16), ToyLM(VOCAB, seed=17)
     draws = N_DRAWS_DETERMINISTIC_CHILDREN if deterministic_children else N_DRAWS
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        tokens = first_two_tokens(target, draft, draws, temperature, deterministic_children)
+    threads = torch.get_num_threads()
+    # Many small ops: one thread avoids waiting on the other threads of a
+    # shared CPU (measured 1.6 to 15 times faster on a busy 2-core machine).
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            tokens = first_two_tokens(target, draft, draws, temperature,
+                                      deterministic_children)
+    finally:
+        torch.set_num_threads(threads)
     distance = total_variation(tokens, target, temperature)
     bound = tv_threshold(draws, CATEGORIES, FALSE_FAILURE)
     if deterministic_children:
