@@ -27,7 +27,7 @@ from vllm_longspec.tree.top_k_top_p import TopKTopP, top_k_top_p_reference
 @dataclass(frozen=True)
 class BatchSampling:
     temperature: torch.Tensor            # [B] float, 0 = greedy
-    top_k: torch.Tensor | None = None    # [B] int, <= 0 = off
+    top_k: torch.Tensor | None = None    # [B] int, <= 0 or >= V = off
     top_p: torch.Tensor | None = None    # [B] float, >= 1 = off
     generators: Mapping[int, torch.Generator] = field(default_factory=dict)
     top_k_top_p: TopKTopP = top_k_top_p_reference
