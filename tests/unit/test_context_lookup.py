@@ -8,7 +8,8 @@ import pytest
 from vllm_longspec.speculation.lookup import ContextLookup, LookupRule, TokenIndex
 
 
-def reference(history: list[int], k: int, min_ngram: int, max_ngram: int):
+def reference(history: list[int], k: int, min_ngram: int, max_ngram: int,
+              prefer_recent: bool = True):
     """(tokens, match_len, occurrences, agreeing) by trying every earlier end p."""
     end = len(history) - 1
     lengths = {}
@@ -23,7 +24,7 @@ def reference(history: list[int], k: int, min_ngram: int, max_ngram: int):
     ties = [p for p, m in lengths.items() if m == best]
     extended = list(history)
     for i in range(k):
-        extended.append(extended[max(ties) + 1 + i])
+        extended.append(extended[(max if prefer_recent else min)(ties) + 1 + i])
     tokens = extended[len(history):]
     agreeing = sum(history[p + 1] == tokens[0] for p in ties)
     return tokens, best, len(ties), agreeing
@@ -42,16 +43,18 @@ def sequences():
     yield "big-ids", [2**31 - 1, 0, 2**31 - 1, 0, 5, 2**31 - 1, 0]
 
 
-@pytest.mark.parametrize("min_ngram,max_ngram", [(1, 8), (2, 5), (3, 3), (1, 1)])
+@pytest.mark.parametrize("min_ngram,max_ngram,recent", [
+    (1, 8, True), (2, 5, True), (3, 3, True), (1, 1, True), (2, 5, False)])
 @pytest.mark.parametrize("name,tokens", list(sequences()), ids=lambda v: v if isinstance(v, str) else "")
-def test_every_step_matches_the_reference(name, tokens, min_ngram, max_ngram):
-    index = TokenIndex(tokens[:5], min_ngram=min_ngram, max_ngram=max_ngram)
+def test_every_step_matches_the_reference(name, tokens, min_ngram, max_ngram, recent):
+    index = TokenIndex(tokens[:5], min_ngram=min_ngram, max_ngram=max_ngram,
+                       prefer_recent=recent)
     position = 5
     step = 0
     while position <= len(tokens):
         for k in (1, 4):
             got = index.propose(k)
-            want = reference(tokens[:position], k, min_ngram, max_ngram)
+            want = reference(tokens[:position], k, min_ngram, max_ngram, recent)
             assert (got.tokens.tolist(), got.match_len, got.occurrences,
                     got.agreeing) == want, (name, position, k)
         # grow by 1..3 tokens per step, sometimes a bulk chunk
@@ -107,6 +110,7 @@ def test_no_match_and_rule():
     proposal = index.propose(3)
     assert proposal.found and proposal.tokens.tolist() == [7, 5, 6]
     assert LookupRule(min_match=2).use_lookup(proposal)
+    assert LookupRule(min_match=2).accepts(2) and not LookupRule(min_match=2).accepts(1)
     assert not LookupRule(min_match=3).use_lookup(proposal)
     with pytest.raises(ValueError):
         TokenIndex([-1])

@@ -9,7 +9,7 @@ preceding tokens equal the latest ones:
 
 The proposal follows the longest match (M = max m(p), at least ``min_ngram``);
 among ties the most recent p wins (text generated lately is what is copied
-next). Its continuation reads on from p + 1 in the history extended by the
+next; ``prefer_recent=False`` takes the earliest, as vLLM's ``ngram`` does). Its continuation reads on from p + 1 in the history extended by the
 proposal itself, so a match that runs into the present (a loop of period
 e - p < k) repeats its period instead of stopping short:
 
@@ -64,8 +64,11 @@ class LookupRule:
 
     min_match: int
 
+    def accepts(self, match_len: int) -> bool:
+        return match_len >= self.min_match
+
     def use_lookup(self, proposal: LookupProposal) -> bool:
-        return proposal.match_len >= self.min_match
+        return self.accepts(proposal.match_len)
 
 
 class _Positions:
@@ -93,10 +96,13 @@ class TokenIndex:
     """One request's tokens, indexed by key n-gram for ``propose``."""
 
     def __init__(self, tokens: Sequence[int] | np.ndarray = (), *, min_ngram: int = 1,
-                 max_ngram: int = 8):
+                 max_ngram: int = 8, prefer_recent: bool = True):
         if not 1 <= min_ngram <= max_ngram:
             raise ValueError(f"need 1 <= min_ngram ({min_ngram}) <= max_ngram ({max_ngram})")
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
+        # among equally long matches: the most recent (default) or the earliest
+        # (as vLLM's ngram proposer)
+        self.prefer_recent = prefer_recent
         self.key_len = min(min_ngram, 2)
         self._buffer = np.empty(max(16, len(tokens)), dtype=np.int32)
         self._size = 0
@@ -147,7 +153,7 @@ class TokenIndex:
             candidates, match_len = longer, match_len + 1
         if match_len < self.min_ngram:
             return NO_MATCH
-        start = int(candidates[-1]) + 1
+        start = int(candidates[-1 if self.prefer_recent else 0]) + 1
         proposal = np.empty(k, dtype=np.int32)
         # [known] tokens read from the history; the rest repeat the proposal itself
         known = min(k, self._size - start)
@@ -213,8 +219,10 @@ class TokenIndex:
 class ContextLookup:
     """One ``TokenIndex`` per request: add, keep in step, propose, remove."""
 
-    def __init__(self, *, min_ngram: int = 1, max_ngram: int = 8):
-        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+    def __init__(self, *, min_ngram: int = 1, max_ngram: int = 8,
+                 prefer_recent: bool = True):
+        self.options = {"min_ngram": min_ngram, "max_ngram": max_ngram,
+                        "prefer_recent": prefer_recent}
         self._requests: dict[Hashable, TokenIndex] = {}
 
     def __len__(self) -> int:
@@ -226,8 +234,7 @@ class ContextLookup:
     def add_request(self, request_id: Hashable,
                     token_ids: Sequence[int] | np.ndarray) -> None:
         """Start (or restart) a request from its prompt and any generated tokens."""
-        self._requests[request_id] = TokenIndex(
-            token_ids, min_ngram=self.min_ngram, max_ngram=self.max_ngram)
+        self._requests[request_id] = TokenIndex(token_ids, **self.options)
 
     def extend(self, request_id: Hashable, new_token_ids: Iterable[int]) -> None:
         self._requests[request_id].extend(new_token_ids)

@@ -1,6 +1,7 @@
 """Accepted length of a draft without vLLM: greedy chain drafting, simulated exactly.
 
     vllm-longspec evaluate --draft DIR [--prompts FILE.jsonl] [--k 4] [--max-new-tokens N]
+        [--per-cell N] [--max-ngram 8] [--out FILE.json] [--markdown FILE.md]
 
 Under greedy decoding, draft step k of a round (k = 0..K-1, the round's bonus
 token at position c) is only looked at when steps 0..k-1 were all accepted, and
@@ -16,18 +17,25 @@ test compares this simulation with a real engine run.
 The target's greedy continuation comes from transformers (float32, KV cache).
 A draft vocabulary in the draft directory is honoured (the draft's argmax is
 taken over those tokens only).
+
+The same rounds are walked for other proposal sources (``round_sources``):
+context lookup alone and the hybrid rule (lookup when its match is at least t
+tokens long, else the draft) for every t; ``--markdown`` writes the comparison
+(``lookup_report``), e.g. benchmarks/results/lookup_rule.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
 from vllm_longspec.train.model import LongSpecDraft, load_draft_weights
+from vllm_longspec.train.round_sources import RoundOptions, round_options
 from vllm_longspec.train.target import lm_head_weight, load_target, run_target
 
 
@@ -98,11 +106,36 @@ class DraftEvaluator:
         return simulate_rounds(self.hits(tokens, num_drafts), len(prompt),
                                len(tokens) - 1)
 
+    def round_options(self, prompt: list[int], continuation: list[int], num_drafts: int,
+                      max_ngram: int) -> tuple[RoundOptions, RoundOptions]:
+        """Draft and lookup outcomes of a round at every bonus position, with the
+        lookup preferring the most recent match, then the earliest."""
+        tokens = prompt + continuation
+        hits = self.hits(tokens, num_drafts)
+        return tuple(round_options(tokens, hits, len(prompt), len(tokens) - 1, num_drafts,
+                                   max_ngram, prefer_recent)
+                     for prefer_recent in (True, False))
+
 
 def hash_tokens(tokens: list[int]) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()[:16]
+
+
+def select_records(records: list[dict], per_cell: int | None,
+                   limit: int | None) -> list[dict]:
+    """The first ``per_cell`` prompts of every (task, bucket), then the first ``limit``."""
+    if per_cell:
+        seen: dict[tuple[str, str], int] = defaultdict(int)
+        kept = []
+        for record in records:
+            cell = record.get("task", "all"), record.get("bucket", "all")
+            if seen[cell] < per_cell:
+                seen[cell] += 1
+                kept.append(record)
+        records = kept
+    return records[:limit]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,8 +148,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, help="first N prompts only")
+    parser.add_argument("--per-cell", type=int,
+                        help="first N prompts of every (task, bucket) only")
+    parser.add_argument("--max-ngram", type=int, default=8,
+                        help="longest n-gram the context lookup matches")
+    parser.add_argument("--draft-step-ratio", type=float, default=0.06,
+                        help="time of one draft step / time of one verification round, "
+                             "to rank rules by speed (default: issue 14's bf16 split at "
+                             "4k, batch 1: 3.25 ms / 53.4 ms)")
     parser.add_argument("--num-threads", type=int)
-    parser.add_argument("--out", help="write per-prompt results as JSON here")
+    parser.add_argument("--out", help="write per-prompt and summary results as JSON here")
+    parser.add_argument("--markdown", help="write the source comparison as Markdown here")
     parser.add_argument("--continuations",
                         help="JSON cache of the target's greedy continuations "
                              "(read if present, extended and written back)")
@@ -127,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from vllm_longspec.assets import default_target_path
+    from vllm_longspec.train.lookup_report import PromptResult, Summary
 
     evaluator = DraftEvaluator(args.draft, args.target or default_target_path())
-    records = [json.loads(line) for line in Path(args.prompts).read_text().splitlines()
-               if line.strip()][:args.limit]
+    records = select_records(
+        [json.loads(line) for line in Path(args.prompts).read_text().splitlines()
+         if line.strip()], args.per_cell, args.limit)
     cache_file = Path(args.continuations) if args.continuations else None
     cache = json.loads(cache_file.read_text()) if cache_file and cache_file.exists() else {}
     results = []
@@ -142,26 +186,20 @@ def main(argv: list[str] | None = None) -> int:
             if cache_file:
                 cache_file.write_text(json.dumps(cache))
         continuation = cache[key]
-        rounds = evaluator.accepted_lengths(prompt, continuation, args.k)
-        results.append({"id": record.get("id"), "task": record.get("task", "all"),
-                        "bucket": record.get("bucket", "all"), "prompt_tokens": len(prompt),
-                        "output_tokens": len(continuation), "rounds": len(rounds),
-                        "mean_accepted_length": sum(rounds) / max(len(rounds), 1)})
-    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
-    for result in results:
-        groups[result["task"], result["bucket"]].append(result)
-    print(f"\nmean accepted length (incl. bonus), greedy chain, K={args.k}:")
-    for (task, bucket), members in sorted(groups.items()):
-        tokens = sum(r["output_tokens"] - 1 for r in members)
-        rounds = sum(r["rounds"] for r in members)
-        print(f"  {task:18s} {bucket:>4s}  {tokens / max(rounds, 1):5.2f}  "
-              f"({len(members)} prompts)")
-    total_tokens = sum(r["output_tokens"] - 1 for r in results)
-    total_rounds = sum(r["rounds"] for r in results)
-    print(f"  {'all':18s} {'':>4s}  {total_tokens / max(total_rounds, 1):5.2f}")
+        options, earliest = evaluator.round_options(prompt, continuation, args.k,
+                                                    args.max_ngram)
+        results.append(PromptResult.measure(record, len(continuation), options,
+                                            earliest, args.k, args.max_ngram))
+    summary = Summary(results, k=args.k, max_ngram=args.max_ngram,
+                      draft_step_ratio=args.draft_step_ratio)
+    command = "vllm-longspec evaluate " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    print(summary.markdown(command, args.draft))
     if args.out:
-        Path(args.out).write_text(json.dumps({"k": args.k, "draft": args.draft,
-                                              "results": results}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps(summary.to_json(command, args.draft),
+                                             indent=1) + "\n")
+    if args.markdown:
+        Path(args.markdown).write_text(summary.markdown(command, args.draft))
     return 0
 
 
