@@ -1,0 +1,213 @@
+"""The speculation policy: K per request from acceptance and measured cost."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from vllm_longspec.speculation.cost import CostModel, CostPrior
+from vllm_longspec.speculation.policy import (
+    DRAFT,
+    LOOKUP,
+    Acceptance,
+    PolicyConfig,
+    Request,
+    SpeculationPolicy,
+    static_schedule,
+)
+
+CHEAP = CostPrior(fixed_ms=40.0, per_token_ms=0.01, draft_fixed_ms=1.0)
+# verification compute-bound: every verified token costs 5 ms
+EXPENSIVE = CostPrior(fixed_ms=40.0, per_token_ms=5.0, draft_fixed_ms=3.25)
+
+
+def fixed_rates(acceptance: float, **kwargs) -> PolicyConfig:
+    """Acceptance pinned at the prior (its weight swamps any observation)."""
+    return PolicyConfig(draft_prior=acceptance, lookup_prior=acceptance,
+                        population_prior_weight=1e12, prior_weight=1e12, **kwargs)
+
+
+def requests(batch: int, lookup_tokens: int = 0) -> list[Request]:
+    return [Request(f"r{i}", 4096, lookup_tokens) for i in range(batch)]
+
+
+def test_the_docstring_worked_example():
+    plan = SpeculationPolicy(fixed_rates(0.7)).plan(requests(1))
+    assert plan.num_tokens == (4,) and plan.draft_steps == 4
+    assert plan.expected_tokens == pytest.approx(2.7731)
+    assert plan.expected_ms == pytest.approx(66.4)
+    assert plan.plain_ms == pytest.approx(44.4)
+    lookup = SpeculationPolicy(fixed_rates(0.7)).plan(requests(1, lookup_tokens=4))
+    assert lookup.num_tokens == (4,) and lookup.draft_steps == 0
+    assert lookup.expected_ms == pytest.approx(53.4)
+    low = SpeculationPolicy(fixed_rates(0.1)).plan(requests(1))
+    assert low.num_tokens == (0,) and low.draft_steps == 0 and not low.speculates
+
+
+def test_zero_when_observed_acceptance_is_low():
+    policy = SpeculationPolicy(PolicyConfig(probe_interval=1000, max_probe_interval=1000),
+                               CostModel(CHEAP))
+    assert policy.plan(requests(2)).num_tokens == (4, 4)  # prior 0.5, cheap: speculate
+    for _ in range(50):
+        for request in requests(2):
+            policy.observe(request.request_id, DRAFT, proposed=4, accepted=0)
+    plan = policy.plan(requests(2))
+    assert plan.num_tokens == (0, 0) and plan.draft_steps == 0
+
+
+def test_zero_at_large_batch_when_verification_is_expensive():
+    # the same acceptance pays at batch 1 and loses at batch 64
+    assert SpeculationPolicy(fixed_rates(0.8), CostModel(EXPENSIVE)).plan(
+        requests(1)).speculates
+    plan = SpeculationPolicy(fixed_rates(0.8), CostModel(EXPENSIVE)).plan(requests(64))
+    assert plan.num_tokens == (0,) * 64 and plan.draft_steps == 0
+
+
+def test_k_max_when_acceptance_is_high_and_verification_cheap():
+    policy = SpeculationPolicy(PolicyConfig(k_max=6), CostModel(CHEAP))
+    for _ in range(30):
+        for request in requests(8):
+            policy.observe(request.request_id, DRAFT, proposed=6, accepted=6)
+    plan = policy.plan(requests(8))
+    assert plan.num_tokens == (6,) * 8 and plan.draft_steps == 6
+
+
+def test_lookup_requests_need_no_draft_forward():
+    policy = SpeculationPolicy(fixed_rates(0.9), CostModel(CHEAP))
+    plan = policy.plan(requests(3, lookup_tokens=2))
+    assert plan.num_tokens == (2, 2, 2)  # capped by the lookup's proposal
+    assert plan.draft_steps == 0 and plan.sources == (LOOKUP,) * 3
+
+
+def run_until_speculating(policy: SpeculationPolicy, acceptance: int, steps: int) -> int:
+    """Steps (1-based) until a plan speculates, feeding back ``acceptance`` of each."""
+    for step in range(1, steps + 1):
+        plan = policy.plan(requests(1))
+        if plan.speculates:
+            k = plan.num_tokens[0]
+            policy.observe("r0", DRAFT, k, min(k, acceptance))
+            if not plan.probe:
+                return step
+    return 0
+
+
+def test_a_request_at_zero_is_probed_and_recovers():
+    policy = SpeculationPolicy(PolicyConfig(probe_interval=4), CostModel(CHEAP))
+    for _ in range(40):
+        policy.observe("r0", DRAFT, proposed=4, accepted=0)
+    # acceptance stays 0: probes are spaced out, interval 4, 8, 16, ...
+    probes = [policy.plan(requests(1)).probe for _ in range(60)]
+    assert [i + 1 for i, p in enumerate(probes) if p] == [4, 12, 28, 60]
+    # the draft improves: a probe sees it and speculation resumes for good
+    step = run_until_speculating(policy, acceptance=4, steps=200)
+    assert 0 < step <= 128
+    plans = [policy.plan(requests(1)) for _ in range(3)]
+    assert all(p.speculates and not p.probe for p in plans)
+
+
+def test_without_probes_a_request_at_zero_never_recovers():
+    config = PolicyConfig(probe_interval=10_000, max_probe_interval=10_000)
+    policy = SpeculationPolicy(config, CostModel(CHEAP))
+    for _ in range(40):
+        policy.observe("r0", DRAFT, proposed=4, accepted=0)
+    assert run_until_speculating(policy, acceptance=4, steps=300) == 0
+
+
+def test_a_starved_request_gets_one_token_while_others_draft():
+    # a verified token costs 2 ms: worth it for r1 (accepts all), not for r0 (none)
+    cost = CostModel(CostPrior(fixed_ms=40.0, per_token_ms=2.0, draft_fixed_ms=1.0))
+    policy = SpeculationPolicy(PolicyConfig(probe_interval=3), cost)
+    for _ in range(40):
+        policy.observe("r0", DRAFT, 4, 0)
+        policy.observe("r1", DRAFT, 4, 4)
+    ks = [policy.plan(requests(2)).num_tokens for _ in range(8)]
+    assert all(k[1] == 4 for k in ks)
+    assert [k[0] for k in ks] == [0, 0, 0, 1, 0, 0, 0, 0]  # streak 3, then interval 6
+
+
+def test_hysteresis_keeps_the_current_mode_near_break_even():
+    # acceptance 0.2 beats plain by 6.8% (docstring prior): between the margins
+    config = fixed_rates(0.2, enter_margin=0.10, stay_margin=0.0)
+    assert not SpeculationPolicy(config).plan(requests(1)).speculates
+    speculating = SpeculationPolicy(config)
+    speculating._speculating = True
+    assert speculating.plan(requests(1)).num_tokens == (1,)
+
+
+def test_empty_statistics_and_empty_batches_are_finite():
+    policy = SpeculationPolicy()
+    empty = policy.plan([])
+    assert empty.num_tokens == () and empty.draft_steps == 0
+    assert np.allclose(policy.rates("unknown", DRAFT), 0.5)
+    plan = policy.plan(requests(4) + requests(1, lookup_tokens=3))
+    assert all(math.isfinite(v) for v in (plan.expected_tokens, plan.expected_ms))
+    counts = Acceptance(4)
+    assert np.array_equal(counts.rates(np.full(4, 0.3), 1.0), np.full(4, 0.3))
+    policy.observe("r0", DRAFT, proposed=0, accepted=0)  # nothing proposed: no-op
+    policy.remove_request("r0")
+    policy.remove_request("never-seen")
+    with pytest.raises(ValueError):
+        policy.observe("r0", DRAFT, proposed=2, accepted=3)
+    with pytest.raises(ValueError):
+        PolicyConfig(prior_weight=0.0)
+
+
+def test_acceptance_counts_follow_the_first_rejection():
+    counts = Acceptance(4)
+    counts.observe(proposed=4, accepted=1, decay=1.0)   # tried 1, 2; accepted 1
+    counts.observe(proposed=2, accepted=2, decay=1.0)   # tried 1, 2; accepted 1, 2
+    assert counts.tried.tolist() == [2, 2, 0, 0]
+    assert counts.accepted.tolist() == [2, 1, 0, 0]
+    counts.observe(proposed=4, accepted=0, decay=0.5)
+    assert counts.tried.tolist() == [2, 1, 0, 0]
+    assert counts.accepted.tolist() == [1, 0.5, 0, 0]
+
+
+def test_cost_model_learns_corrections_per_cell():
+    model = CostModel(CostPrior(fixed_ms=10.0, per_token_ms=1.0), decay=0.5)
+    assert model.target_ms(8, 8, 4096) == pytest.approx(18.0)
+    model.observe_target(8, 8, 4096, 36.0)                   # plain steps: 2x the prior
+    assert model.target_ms(8, 8, 4096) == pytest.approx(36.0)
+    assert model.target_ms(40, 8, 4096) == pytest.approx(100.0)  # q = 5 borrows q = 1
+    model.observe_target(40, 8, 4096, 50.0)                  # q = 5 measured: 1x
+    assert model.target_ms(40, 8, 4096) == pytest.approx(50.0)
+    assert model.target_ms(8, 8, 4096) == pytest.approx(36.0)
+    assert model.target_ms(8, 1, 4096) == pytest.approx(18.0)    # other batch bucket
+    assert model.target_ms(8, 8, 512) == pytest.approx(18.0)     # other context bucket
+    model.observe_target(8, 8, 4096, 18.0)                   # decayed mean of log ratios
+    assert model.target_ms(8, 8, 4096) == pytest.approx(18.0 * math.sqrt(2))
+    curve = model.target_ms(np.array([8, 16, 40]), 8, 4096)
+    assert curve.shape == (3,)
+    model.observe_draft_step(8, 6.5)
+    assert model.draft_step_ms(8) == pytest.approx(6.5)
+    assert model.draft_step_ms(1) == pytest.approx(3.25)
+
+
+def test_cost_prior_fit_recovers_a_linear_cost():
+    truth = CostPrior(fixed_ms=12.0, per_token_ms=0.5, per_kv_token_ms=1e-4,
+                      draft_fixed_ms=2.0, draft_per_request_ms=0.25)
+    target = [(n, b, c, float(truth.target_ms(n, b, c)))
+              for n, b, c in [(1, 1, 1000), (5, 1, 4000), (8, 8, 2000), (40, 8, 7000)]]
+    draft = [(b, truth.draft_step_ms(b)) for b in (1, 4, 16)]
+    fitted = CostPrior.fit(target, draft)
+    for name in ("fixed_ms", "per_token_ms", "per_kv_token_ms", "draft_fixed_ms",
+                 "draft_per_request_ms"):
+        assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-6)
+
+
+def test_static_schedule_backs_off_at_large_batches():
+    schedule = static_schedule(CostModel(EXPENSIVE), np.full(4, 0.8), 64, 4096)
+    assert schedule[0][0] == 1 and schedule[-1][1] == 64
+    assert schedule[0][2] > 0 and schedule[-1][2] == 0
+    for (_, last, _), (first, _, _) in zip(schedule, schedule[1:], strict=False):
+        assert first == last + 1
+    ks = [k for _, _, k in schedule]
+    assert ks == sorted(ks, reverse=True)
+    # vLLM accepts it as a schedule
+    from vllm.v1.spec_decode.dynamic.utils import build_dynamic_sd_schedule_lookup
+
+    dense = build_dynamic_sd_schedule_lookup([list(r) for r in schedule], 64, 4)
+    for first, last, k in schedule:
+        assert dense[first:last + 1] == [k] * (last - first + 1)

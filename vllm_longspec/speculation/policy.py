@@ -1,0 +1,334 @@
+"""How many tokens to speculate per request and step, so that speculation pays.
+
+Each step, every request r proposes K_r in 0..K_max tokens from one source s_r:
+the context lookup when the lookup rule took its match (``LookupRule``; free,
+at most as many tokens as the lookup proposed), else the draft (one draft
+forward per chain position, shared by the batch).
+
+**Acceptance.** a_r(i) = P(position i accepted | positions < i accepted), per
+request, source and chain position, from exponentially decayed counts
+(``decay`` per observation). A request's estimate is shrunk towards the
+population's rate for that source and position, and the population's towards
+``draft_prior`` / ``lookup_prior``, each with a weight in pseudo-observations:
+
+    rate = (accepted + w * parent) / (tried + w),   w > 0: never 0 / 0
+
+Proposing K tokens then emits in expectation E_r(K) = 1 + sum_{i<=K} g_r(i)
+tokens, with gains g_r(i) = a_r(1) ... a_r(i), non-increasing in i.
+
+**Cost.** ``cost.CostModel``: a step that verifies N = sum_r (1 + K_r) tokens for
+b requests (mean context c) after D = max K_r over drafting requests draft
+steps takes T = target_ms(N, b, c) + D * draft_step_ms(b_d), b_d the number of
+requests drafting.
+
+**Choice.** Maximise tokens per millisecond, sum_r E_r(K_r) / T. For each D in
+0..K_max, the candidate tokens are the lookup positions i <= K_r^lookup and the
+draft positions i <= D; since every request's gains fall with i, the best set
+of n tokens is the n largest gains (taken in order within each request), so
+scanning n over the sorted gains finds the best plan for that D. The best plan
+over all D is used when it beats plain decoding, b / target_ms(b, b, c), by
+``enter_margin`` (``stay_margin`` once speculating: hysteresis); otherwise
+every K_r = 0, and with D = 0 no draft forward runs.
+
+**Exploration.** Statistics of a request at K = 0 never change, so after
+``probe_interval`` plain steps in a row the best speculative plan runs anyway
+(a probe: it refreshes acceptance and the cost table for its N); each probe
+that does not lead to speculation doubles the interval, up to
+``max_probe_interval``; speculating resets it. Likewise, in a step that drafts,
+a request left at K = 0 for its own interval gets K = 1.
+
+**Worked example** (batch 1, 4k context, the default prior from issue 14's
+bf16 split: target_ms(N) = 42.15 + 2.25 N, a draft step 3.25 ms). Plain:
+1 token per 44.4 ms = 22.5 tok/s. Draft acceptance 0.7 at every position:
+gains 0.7, 0.49, 0.343, 0.240; D = 4 gives 2.773 tokens in 53.4 + 13.0 =
+66.4 ms = 41.8 tok/s (D = 3: 2.533 / 60.9 ms = 41.6), so K = 4. At acceptance
+0.1: D = 1 gives 1.1 tokens in 46.65 + 3.25 = 49.9 ms = 22.0 tok/s < 22.5, so
+K = 0 and no draft runs. A lookup proposal of 4 tokens accepted at 0.7 costs
+no draft step: 2.773 / 53.4 ms = 51.9 tok/s. (``tests/unit/test_policy.py``
+recomputes these numbers.)
+
+**vLLM's dynamic speculative decoding** (0.32: ``num_speculative_tokens_per_
+batch_size``, ``vllm/v1/spec_decode/dynamic/utils.py``) is a schedule fixed at
+start-up: inclusive batch-size ranges -> K, expanded into a dense table; the
+scheduler looks up K = table[batch size] every step and hands that one K to the
+drafter for every request. It can: back off to fewer tokens at large batches
+with no runtime cost, and it keeps vLLM's own scheduling (slots, padding)
+consistent with the K used. It cannot: react to acceptance (per request, per
+position, drifting over a generation) or to lookup matches, to the context
+length, or to measured step times (dtype, machine load); give requests
+different K; or skip the draft at K = 0 (vLLM's proposers still run the first
+draft forward to keep the draft's KV cache in sync). So it fits as a static
+upper bound: ``static_schedule`` turns our cost model and population
+acceptance into that format (K = 0 where speculation cannot pay at any
+acceptance seen), and this policy picks each request's K below it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vllm_longspec.speculation.cost import CostModel
+
+DRAFT, LOOKUP = "draft", "lookup"
+SOURCES = (DRAFT, LOOKUP)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    k_max: int = 4
+    decay: float = 0.9              # per observation, a request's counts
+    population_decay: float = 0.99  # per observation, the population's counts
+    draft_prior: float = 0.5        # acceptance assumed before any observation
+    lookup_prior: float = 0.5
+    prior_weight: float = 4.0       # population rate's weight in a request's rate
+    population_prior_weight: float = 8.0
+    enter_margin: float = 0.05      # speculate when it beats plain decoding by this
+    stay_margin: float = 0.0        # keep speculating while it beats plain by this
+    probe_interval: int = 8         # plain steps before a probe (doubles per failed probe)
+    max_probe_interval: int = 256
+
+    def __post_init__(self):
+        if self.k_max < 1:
+            raise ValueError(f"k_max must be >= 1, got {self.k_max}")
+        if min(self.prior_weight, self.population_prior_weight) <= 0:
+            raise ValueError("prior weights must be > 0")
+        if not (0 < self.decay <= 1 and 0 < self.population_decay <= 1):
+            raise ValueError("decays must lie in (0, 1]")
+        if not 1 <= self.probe_interval <= self.max_probe_interval:
+            raise ValueError("need 1 <= probe_interval <= max_probe_interval")
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: Hashable
+    context_len: int
+    lookup_tokens: int = 0   # > 0: the lookup proposes this many tokens; 0: the draft
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    num_tokens: tuple[int, ...]   # K_r per request, in the order given
+    sources: tuple[str, ...]      # DRAFT or LOOKUP per request
+    draft_steps: int              # D: draft forwards to run; 0: none
+    expected_tokens: float        # sum_r E_r(K_r)
+    expected_ms: float
+    plain_ms: float               # the same batch without speculation
+    probe: bool = False
+
+    @property
+    def speculates(self) -> bool:
+        return any(self.num_tokens)
+
+
+class Acceptance:
+    """Exponentially decayed [tried, accepted] counts per chain position."""
+
+    def __init__(self, k_max: int):
+        self.tried = np.zeros(k_max)
+        self.accepted = np.zeros(k_max)
+
+    def observe(self, proposed: int, accepted: int, decay: float) -> None:
+        """Positions 1..min(accepted + 1, proposed) were tried, 1..accepted accepted."""
+        self.tried *= decay
+        self.accepted *= decay
+        self.tried[:min(accepted + 1, proposed)] += 1
+        self.accepted[:accepted] += 1
+
+    def rates(self, parent: np.ndarray, weight: float) -> np.ndarray:
+        return (self.accepted + weight * parent) / (self.tried + weight)
+
+
+@dataclass
+class _RequestState:
+    acceptance: dict[str, Acceptance]
+    zero_streak: int = 0
+    probe_interval: int = 1
+
+
+@dataclass
+class _Candidate:
+    """One assignment of K_r: the gains it adds and what it costs."""
+
+    num_tokens: list[int]
+    draft_steps: int
+    tokens: float
+    ms: float = field(default=0.0)
+
+
+class SpeculationPolicy:
+    """Chooses K_r per request and step; learns from what was accepted and timed."""
+
+    def __init__(self, config: PolicyConfig | None = None, cost: CostModel | None = None):
+        self.config = config or PolicyConfig()
+        self.cost = cost or CostModel()
+        k = self.config.k_max
+        self._population = {s: Acceptance(k) for s in SOURCES}
+        self._priors = {DRAFT: np.full(k, self.config.draft_prior),
+                        LOOKUP: np.full(k, self.config.lookup_prior)}
+        self._requests: dict[Hashable, _RequestState] = {}
+        self._speculating = False
+        self._plain_streak = 0
+        self._probe_interval = self.config.probe_interval
+
+    # -- statistics -----------------------------------------------------------------
+
+    def _state(self, request_id: Hashable) -> _RequestState:
+        state = self._requests.get(request_id)
+        if state is None:
+            state = self._requests[request_id] = _RequestState(
+                {s: Acceptance(self.config.k_max) for s in SOURCES},
+                probe_interval=self.config.probe_interval)
+        return state
+
+    def rates(self, request_id: Hashable, source: str) -> np.ndarray:
+        """[K_max] a_r(i) for one request and source."""
+        population = self._population[source].rates(
+            self._priors[source], self.config.population_prior_weight)
+        state = self._requests.get(request_id)
+        if state is None:
+            return population
+        return state.acceptance[source].rates(population, self.config.prior_weight)
+
+    def observe(self, request_id: Hashable, source: str, proposed: int,
+                accepted: int) -> None:
+        """A verified proposal: ``accepted`` of its first ``proposed`` tokens."""
+        if proposed <= 0:
+            return
+        if not 0 <= accepted <= proposed <= self.config.k_max:
+            raise ValueError(f"need 0 <= accepted ({accepted}) <= proposed ({proposed}) "
+                             f"<= k_max ({self.config.k_max})")
+        self._state(request_id).acceptance[source].observe(proposed, accepted,
+                                                           self.config.decay)
+        self._population[source].observe(proposed, accepted, self.config.population_decay)
+
+    def observe_step(self, num_tokens: int, batch_size: int, context_len: float,
+                     target_ms: float, draft_batch_size: int = 0,
+                     draft_step_ms: float | None = None) -> None:
+        """A measured step: target forward + rest (and the mean draft step, if any)."""
+        self.cost.observe_target(num_tokens, batch_size, context_len, target_ms)
+        if draft_step_ms is not None and draft_batch_size > 0:
+            self.cost.observe_draft_step(draft_batch_size, draft_step_ms)
+
+    def remove_request(self, request_id: Hashable) -> None:
+        self._requests.pop(request_id, None)
+
+    # -- the choice -------------------------------------------------------------------
+
+    def plan(self, requests: Sequence[Request]) -> StepPlan:
+        batch = len(requests)
+        sources = tuple(LOOKUP if r.lookup_tokens > 0 else DRAFT for r in requests)
+        if batch == 0:
+            return StepPlan((), (), 0, 0.0, 0.0, 0.0)
+        context = float(np.mean([r.context_len for r in requests]))
+        limits = [min(self.config.k_max, r.lookup_tokens) if s == LOOKUP
+                  else self.config.k_max for r, s in zip(requests, sources, strict=True)]
+        # [batch] each request's gains g_r(1..limit)
+        gains = [np.cumprod(self.rates(r.request_id, s))[:limit]
+                 for r, s, limit in zip(requests, sources, limits, strict=True)]
+        drafting = sources.count(DRAFT)
+        plain_ms = float(self.cost.target_ms(batch, batch, context))
+        best = self._best_speculative(gains, sources, batch, context, drafting)
+
+        margin = self.config.stay_margin if self._speculating else self.config.enter_margin
+        probe = False
+        if best is not None and best.tokens / best.ms > (1 + margin) * batch / plain_ms:
+            chosen = best
+            self._speculating, self._plain_streak = True, 0
+            self._probe_interval = self.config.probe_interval
+        else:
+            self._speculating = False
+            self._plain_streak += 1
+            chosen = _Candidate([0] * batch, 0, float(batch), plain_ms)
+            if best is not None and self._plain_streak >= self._probe_interval:
+                chosen, probe, self._plain_streak = best, True, 0
+                self._probe_interval = min(2 * self._probe_interval,
+                                           self.config.max_probe_interval)
+        probed = self._probe_starved(requests, chosen) if chosen.draft_steps > 0 else set()
+        self._count_streaks(requests, chosen, probed)
+        chosen = self._priced(chosen, gains, sources, batch, context, drafting)
+        return StepPlan(tuple(chosen.num_tokens), sources, chosen.draft_steps,
+                        chosen.tokens, chosen.ms, plain_ms, probe)
+
+    def _best_speculative(self, gains: list[np.ndarray], sources: tuple[str, ...],
+                          batch: int, context: float, drafting: int) -> _Candidate | None:
+        best, best_speed = None, -1.0
+        for depth in range(self.config.k_max + 1):
+            # [M] candidate tokens: (request, gain), lookup positions and draft ones <= depth
+            owners = [r for r, (g, s) in enumerate(zip(gains, sources, strict=True))
+                      for _ in range(len(g) if s == LOOKUP else min(depth, len(g)))]
+            if not owners:
+                continue
+            values = np.concatenate([g if s == LOOKUP else g[:depth]
+                                     for g, s in zip(gains, sources, strict=True)])
+            # stable: a request's positions stay in order among equal gains
+            order = np.argsort(-values, kind="stable")
+            tokens = batch + np.cumsum(values[order])                    # [M]
+            draft_ms = depth * self.cost.draft_step_ms(drafting) if depth else 0.0
+            ms = self.cost.target_ms(batch + np.arange(1, len(order) + 1), batch,
+                                     context) + draft_ms                 # [M]
+            n = int(np.argmax(tokens / ms))
+            if tokens[n] / ms[n] > best_speed:
+                best_speed = tokens[n] / ms[n]
+                num_tokens = np.bincount(np.array(owners)[order[:n + 1]], minlength=batch)
+                best = _Candidate(num_tokens.tolist(), depth, 0.0)
+        if best is None:
+            return None
+        return self._priced(best, gains, sources, batch, context, drafting)
+
+    def _priced(self, candidate: _Candidate, gains: list[np.ndarray],
+                sources: tuple[str, ...], batch: int, context: float,
+                drafting: int) -> _Candidate:
+        tokens = batch + sum(float(g[:k].sum()) for g, k in zip(
+            gains, candidate.num_tokens, strict=True))
+        depth = max((k for k, s in zip(candidate.num_tokens, sources, strict=True)
+                     if s == DRAFT), default=0)
+        ms = float(self.cost.target_ms(batch + sum(candidate.num_tokens), batch, context))
+        ms += depth * self.cost.draft_step_ms(drafting) if depth else 0.0
+        return _Candidate(candidate.num_tokens, depth, tokens, ms)
+
+    def _probe_starved(self, requests: Sequence[Request], chosen: _Candidate) -> set[int]:
+        """In a step that drafts anyway, K = 1 for requests at 0 past their interval."""
+        probed = set()
+        for i, request in enumerate(requests):
+            state = self._state(request.request_id)
+            if chosen.num_tokens[i] == 0 and state.zero_streak >= state.probe_interval:
+                chosen.num_tokens[i] = 1
+                probed.add(i)
+                state.probe_interval = min(2 * state.probe_interval,
+                                           self.config.max_probe_interval)
+        return probed
+
+    def _count_streaks(self, requests: Sequence[Request], chosen: _Candidate,
+                       probed: set[int]) -> None:
+        for i, (request, k) in enumerate(zip(requests, chosen.num_tokens, strict=True)):
+            state = self._state(request.request_id)
+            state.zero_streak = state.zero_streak + 1 if k == 0 else 0
+            if k > 0 and i not in probed:
+                state.probe_interval = self.config.probe_interval
+
+
+def static_schedule(cost: CostModel, rates: np.ndarray, max_batch_size: int,
+                    context_len: float) -> list[tuple[int, int, int]]:
+    """vLLM's ``num_speculative_tokens_per_batch_size`` from our model.
+
+    For each batch size b, the K (every request drafting K tokens accepted at
+    ``rates`` [K_max]) with the most tokens per ms, 0 unless it beats plain
+    decoding; equal neighbours merged into inclusive (first, last, K) ranges.
+    """
+    gains = np.cumsum(np.cumprod(rates))          # [K_max] sum of gains for K = 1..K_max
+    schedule: list[tuple[int, int, int]] = []
+    for batch in range(1, max_batch_size + 1):
+        best_k, best_speed = 0, batch / float(cost.target_ms(batch, batch, context_len))
+        for k in range(1, len(rates) + 1):
+            ms = (float(cost.target_ms(batch * (1 + k), batch, context_len))
+                  + k * cost.draft_step_ms(batch))
+            if batch * (1 + gains[k - 1]) / ms > best_speed:
+                best_k, best_speed = k, batch * (1 + gains[k - 1]) / ms
+        if schedule and schedule[-1][2] == best_k:
+            schedule[-1] = (schedule[-1][0], batch, best_k)
+        else:
+            schedule.append((batch, batch, best_k))
+    return schedule
