@@ -44,7 +44,10 @@ chain (``tree_runner.layout``), so the argument above holds unchanged.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from typing_extensions import override
 from vllm.logger import init_logger
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.utils import extract_layer_index
@@ -54,11 +57,14 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm_longspec.model.draft import CrossAttentionInputs
 from vllm_longspec.model.paged_attention import split_kv_cache
 from vllm_longspec.testing import DraftRecorder, TestProposer
+from vllm_longspec.tree import BatchSampling
 from vllm_longspec.tree_runner.drafter import TreeDrafter
 from vllm_longspec.tree_runner.rounds import TreeRounds
 from vllm_longspec.tree_runner.sampling import batch_sampling
 
 logger = init_logger(__name__)
+# Temperatures below this are greedy (vLLM's sampler._SAMPLING_EPS).
+GREEDY_TEMPERATURE = 1e-5
 
 
 class LongSpecError(RuntimeError):
@@ -268,7 +274,7 @@ class LongSpecProposer(DraftModelProposer):
         num_reqs = inputs.committed_lens.shape[0]
         beam = self.tree_drafter.draft(
             self.model.compute_logits(root_hidden), inputs, window_block_table,
-            batch_sampling(sampling_metadata, num_reqs))
+            self._drafting_sampling(sampling_metadata, num_reqs))
         if self.test_proposer is not None:
             beam = self.test_proposer.override_tree(beam, self.runner,
                                                     inputs.committed_lens)
@@ -286,6 +292,36 @@ class LongSpecProposer(DraftModelProposer):
                                   device=hidden_states.device)
         return placeholder, None
 
+    @override
+    def _sample_from_logits(self, logits, sampling_metadata):
+        """vLLM's draft sampling, except that a seeded request draws from its
+        own generator, so its tokens do not depend on the rest of the batch
+        (vLLM's draws all rows from the global generator)."""
+        draft_token_ids, draft_probs = super()._sample_from_logits(logits, sampling_metadata)
+        generators = self._drafting_generators(sampling_metadata)
+        if draft_probs is None or not generators:
+            return draft_token_ids, draft_probs
+        return (reseed_draft_tokens(draft_token_ids, draft_probs, generators,
+                                    sampling_metadata.temperature), draft_probs)
+
+    def _drafting_generators(self, sampling_metadata) -> dict[int, torch.Generator]:
+        """Row -> generator of the seeded requests whose drafts count this step.
+
+        A request in the middle of a chunked prefill is drafted for too, but
+        its drafts are discarded: drawing them from its generator would make
+        its tokens depend on how its prompt was chunked (on prefix-cache hits).
+        """
+        num_reqs = self.runner.input_batch.num_reqs
+        discarded = self.runner.discard_request_mask.np[:num_reqs]
+        return {row: gen for row, gen in sampling_metadata.generators.items()
+                if row < num_reqs and not discarded[row]}
+
+    def _drafting_sampling(self, sampling_metadata, num_reqs: int) -> BatchSampling:
+        """Tree drafting's settings: ``batch_sampling`` with the generators of
+        ``_drafting_generators`` (the other rows draw from the global one)."""
+        return dataclasses.replace(batch_sampling(sampling_metadata, num_reqs),
+                                   generators=self._drafting_generators(sampling_metadata))
+
     def set_inputs_first_pass(self, *args, **kwargs):
         num_tokens, token_indices_to_sample, cad = super().set_inputs_first_pass(
             *args, **kwargs
@@ -293,3 +329,22 @@ class LongSpecProposer(DraftModelProposer):
         # Only the sampled row of each request needs the full block.
         self.model.cross_attention_inputs.rows = token_indices_to_sample
         return num_tokens, token_indices_to_sample, cad
+
+
+def reseed_draft_tokens(draft_token_ids: torch.Tensor, draft_probs: torch.Tensor,
+                        generators: dict[int, torch.Generator],
+                        temperature: torch.Tensor | None) -> torch.Tensor:
+    """Redraw the rows of seeded, sampled requests from their own generators.
+
+    draft_token_ids: [num_reqs], draft_probs: [num_reqs, vocab] (the
+    temperature-scaled draft distribution the rejection sampler receives).
+    A draw is argmax(q / E) with E ~ Exp(1), the exponential race vLLM uses.
+    """
+    out = draft_token_ids.clone()
+    for row, generator in generators.items():
+        greedy = temperature is None or float(temperature[row]) < GREEDY_TEMPERATURE
+        if row >= out.shape[0] or greedy:
+            continue  # not in this batch, or a greedy row: keep the argmax
+        noise = torch.empty_like(draft_probs[row]).exponential_(generator=generator)
+        out[row] = (draft_probs[row] / noise).argmax()
+    return out

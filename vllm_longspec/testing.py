@@ -13,6 +13,9 @@ every draft is accepted. With ``corrupt_every = m`` the draft for every output
 index that is a multiple of m is replaced by a different token, forcing a
 rejection at a varying position in the chain. Proposals are deterministic
 (no draft probabilities), which vLLM's rejection sampler treats losslessly.
+A prompt may be recorded with several continuations (sampled requests): each
+request replays the first one that agrees with the tokens it has produced so
+far, e.g. the target's likeliest next token after each likely first token.
 The variable is read in the worker process; production never sets it.
 
 Trees (``override_tree``): the recorded continuation is put on one branch of
@@ -41,8 +44,8 @@ ENV_VAR = "VLLM_LONGSPEC_TEST_PROPOSER"
 class TestProposer:
     __test__ = False  # not a pytest class
 
-    # prompt token ids -> recorded greedy output token ids
-    recorded: dict[tuple[int, ...], list[int]]
+    # prompt token ids -> recorded output token ids (one list per continuation)
+    recorded: dict[tuple[int, ...], list[list[int]]]
     corrupt_every: int = 0
 
     @classmethod
@@ -53,11 +56,20 @@ class TestProposer:
         options = json.loads(raw)
         with open(options["replay"]) as f:
             sequences = json.load(f)["sequences"]
-        recorded = {
-            tuple(seq["prompt_token_ids"]): list(seq["output_token_ids"])
-            for seq in sequences
-        }
+        recorded: dict[tuple[int, ...], list[list[int]]] = {}
+        for seq in sequences:
+            recorded.setdefault(tuple(seq["prompt_token_ids"]), []).append(
+                list(seq["output_token_ids"]))
         return cls(recorded, int(options.get("corrupt_every", 0)))
+
+    def continuation(self, state) -> list[int] | None:
+        """The recorded outputs of ``state``'s prompt that agree with the
+        tokens the request has produced so far (None: nothing recorded)."""
+        produced = list(state.output_token_ids)
+        for outputs in self.recorded.get(tuple(state.prompt_token_ids), ()):
+            if outputs[:len(produced)] == produced:
+                return outputs
+        return None
 
     def override(
         self,
@@ -70,7 +82,7 @@ class TestProposer:
         vocab_size = runner.input_batch.vocab_size
         for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
             state = runner.requests[req_id]
-            outputs = self.recorded.get(tuple(state.prompt_token_ids))
+            outputs = self.continuation(state)
             if outputs is None:
                 continue
             # The bonus token is output number `bonus`; drafts follow it.
@@ -97,7 +109,7 @@ class TestProposer:
         vocab_size = runner.input_batch.vocab_size
         for i, req_id in enumerate(runner.input_batch.req_ids[: tree.batch_size]):
             state = runner.requests[req_id]
-            outputs = self.recorded.get(tuple(state.prompt_token_ids))
+            outputs = self.continuation(state)
             if outputs is None:
                 continue
             # The root is output number `root`; depth d holds output root + d.

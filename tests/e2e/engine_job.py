@@ -101,11 +101,18 @@ def run(job: dict) -> dict:
             outputs = llm.chat(phase["messages"], params, use_tqdm=False)
         elif phase["mode"] == "seeded":
             # The same prompt sampled once per seed (one request each).
-            seeded = [SamplingParams(temperature=phase["temperature"],
-                                     max_tokens=phase["max_tokens"], seed=seed)
+            settings = {key: phase[key] for key in ("temperature", "top_k", "top_p")
+                        if key in phase}
+            seeded = [SamplingParams(max_tokens=phase["max_tokens"], seed=seed, **settings)
                       for seed in range(phase["num_samples"])]
             prompt = TokensPrompt(prompt_token_ids=phase["prompt"])
             outputs = llm.generate([prompt] * len(seeded), seeded, use_tqdm=False)
+        elif phase["mode"] == "sampled":
+            # Each request with its own settings: {"prompt": [...], "params": {...}}.
+            requests = phase["requests"]
+            outputs = llm.generate(
+                [TokensPrompt(prompt_token_ids=r["prompt"]) for r in requests],
+                [SamplingParams(**r["params"]) for r in requests], use_tqdm=False)
         elif phase["mode"] == "kv_bytes":
             result["phases"][phase["name"]] = {
                 "samples": [kv_bytes_per_group(llm, p, params) for p in prompts]}

@@ -10,8 +10,8 @@ import torch
 from vllm_longspec.testing import ENV_VAR, TestProposer
 
 
-def _runner(prompt):
-    state = types.SimpleNamespace(prompt_token_ids=prompt)
+def _runner(prompt, produced=()):
+    state = types.SimpleNamespace(prompt_token_ids=prompt, output_token_ids=list(produced))
     batch = types.SimpleNamespace(req_ids=["a"], vocab_size=1000)
     return types.SimpleNamespace(input_batch=batch, requests={"a": state})
 
@@ -37,6 +37,25 @@ def test_replay_and_corrupt(tmp_path, monkeypatch):
     got = TestProposer.from_env().override(model_drafts, _runner([5, 6, 7]),
                                            torch.tensor([4]))
     assert got.tolist() == [[12, 14, 14]]  # output #3 corrupted to 13 + 1
+
+
+def test_replays_the_continuation_that_agrees_with_the_request(tmp_path, monkeypatch):
+    """Sampled requests: one recorded continuation per likely first token."""
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps({"sequences": [
+        {"prompt_token_ids": [5, 6], "output_token_ids": [10, 20, 21]},
+        {"prompt_token_ids": [5, 6], "output_token_ids": [11, 30, 31]}]}))
+    monkeypatch.setenv(ENV_VAR, json.dumps({"replay": str(path)}))
+    proposer = TestProposer.from_env()
+    drafts = torch.full((1, 2), 999)
+    # Bonus token = output #0 at position 2; drafts are outputs #1, #2.
+    got = proposer.override(drafts, _runner([5, 6], produced=[11]), torch.tensor([2]))
+    assert got.tolist() == [[30, 31]]
+    got = proposer.override(drafts, _runner([5, 6], produced=[10]), torch.tensor([2]))
+    assert got.tolist() == [[20, 21]]
+    # A first token nothing was recorded for: the draft's own proposals.
+    got = proposer.override(drafts, _runner([5, 6], produced=[12]), torch.tensor([2]))
+    assert got.tolist() == [[999, 999]]
 
 
 def test_off_without_env(monkeypatch):
