@@ -74,6 +74,16 @@ def test_k_max_when_acceptance_is_high_and_verification_cheap():
     assert plan.num_tokens == (6,) * 8 and plan.draft_steps == 6
 
 
+def test_an_expensive_draft_step_shortens_the_chain():
+    # docstring prior but a 20 ms draft step: K = 1 gives 1.7 / 66.65 ms = 25.5 tok/s,
+    # K = 2 2.19 / 88.9 ms = 24.6, plain 22.5; a lookup chain pays no draft step
+    slow_draft = CostModel(CostPrior(draft_fixed_ms=20.0))
+    assert SpeculationPolicy(fixed_rates(0.7), slow_draft).plan(
+        requests(1)).num_tokens == (1,)
+    assert SpeculationPolicy(fixed_rates(0.7), slow_draft).plan(
+        requests(1, lookup_tokens=4)).num_tokens == (4,)
+
+
 def test_lookup_requests_need_no_draft_forward():
     policy = SpeculationPolicy(fixed_rates(0.9), CostModel(CHEAP))
     plan = policy.plan(requests(3, lookup_tokens=2))

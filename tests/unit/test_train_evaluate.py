@@ -107,3 +107,17 @@ def test_summary_chooses_the_threshold_with_most_tokens_per_cost():
     assert best > summary.per_cost(summary.totals["hybrid@1"])
     assert best > summary.per_cost(summary.totals["hybrid@3"])
     assert "least 2 tokens long" in summary.markdown("cmd", "draft")
+
+
+def test_summary_counts_the_draft_steps_a_lookup_round_saves():
+    # everywhere a 1-token match: the lookup accepts 2, the draft 3; per round the
+    # draft wins (4 vs 3 tokens), per cost unit the lookup (3 / 1 vs 4 / 1.4)
+    room = 60 - np.arange(60) - 1
+    options = RoundOptions(
+        start=0, end=60, draft_accepted=np.minimum(3, room),
+        lookup_accepted=np.minimum(2, room), match_len=np.ones(60, dtype=np.int64),
+        lookup_seconds=np.zeros(60))
+    result = PromptResult.measure({"prompt_token_ids": [0]}, 61, options, options,
+                                  k=4, max_ngram=2)
+    assert Summary([result], k=4, max_ngram=2, draft_step_ratio=0.1).threshold == 1
+    assert Summary([result], k=4, max_ngram=2, draft_step_ratio=0.0).threshold == 2
