@@ -5,6 +5,7 @@
     vllm-longspec distill --sources GLOB --out FILE   the target's own answers (distill.py)
     vllm-longspec draft-vocab DRAFT --jsonl FILE --size N   cheaper draft LM head
     vllm-longspec evaluate --draft DIR [--prompts FILE]     accepted length, no vLLM
+    vllm-longspec features build --config CONFIG --stage NAME   cache target features
 
 Subcommands import their module only when run, so ``vllm-longspec train``
 works without vLLM installed.
@@ -41,12 +42,19 @@ def _evaluate(argv: list[str]) -> int:
     return main(argv)
 
 
+def _features(argv: list[str]) -> int:
+    from vllm_longspec.train.features_build import main
+
+    return main(argv)
+
+
 # name -> (one-line help, runner taking the subcommand's own argv)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "train": ("train a LongSpec draft for a target model", _train),
     "distill": ("generate self-distillation data with the target (vLLM)", _distill),
     "draft-vocab": ("restrict what a draft proposes to frequent tokens", _draft_vocab),
     "evaluate": ("a draft's accepted length on prompts, simulated without vLLM", _evaluate),
+    "features": ("cache the target's features for training (resumable)", _features),
 }
 
 

@@ -76,6 +76,10 @@ class StageConfig:
     tokens: int | None = None
     batch_tokens: int = 1024
     grad_accum: int = 1
+    features: str | None = None  # a feature cache (features.py) to train from
+
+    def features_path(self) -> Path | None:
+        return Path(os.path.expanduser(self.features)) if self.features else None
 
     def __post_init__(self) -> None:
         where = f"stage {self.name!r}"
@@ -118,6 +122,8 @@ class TrainConfig:
     noise_shift: tuple[int, int] = (1, 4)  # inclusive range of j
     aoi_max_anchors: int = 4  # anchors a drawn from 0..aoi_max_anchors
     distill_weight: float = 0.0  # loss = (1-w) CE + w KL(target || draft)
+    distill_top_k: int | None = None  # teacher: the target's top-k logits; None: all
+    draft_vocab: str | None = None  # draft dir or .npy of ids: the LM head's rows
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.1
     grad_clip: float = 1.0
@@ -127,7 +133,7 @@ class TrainConfig:
     loss_chunk_rows: int = 256
     autocast_dtype: str = "bfloat16"  # draft matmuls; master weights stay fp32
     target_dtype: str = "bfloat16"
-    num_threads: int | None = None  # torch intra-op threads; None: torch default
+    num_threads: int | None = 2  # torch intra-op threads; None: torch default
     device: str = "cpu"  # "cuda", "cuda:1", ...: untested on a GPU so far
     exclude_paths: tuple[str, ...] = ()
     exclude_list_file: str | None = "benchmarks/sources.txt"
@@ -147,6 +153,15 @@ class TrainConfig:
             )
         if not 0.0 <= self.distill_weight <= 1.0:
             raise TrainConfigError("distill_weight must be in [0, 1].")
+        if self.distill_top_k is not None and self.distill_top_k < 1:
+            raise TrainConfigError("distill_top_k must be >= 1 (or null: all logits).")
+        cached = [s.name for s in self.stages if s.features]
+        if cached and self.distill_weight > 0 and self.distill_top_k is None:
+            raise TrainConfigError(
+                f"stages {cached} train from a feature cache, which holds the "
+                "target's top-k logits only: set distill_top_k (at most the "
+                "cache's k), or distill_weight 0."
+            )
         for field in ("autocast_dtype", "target_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise TrainConfigError(f"{field} must be one of {', '.join(DTYPES)}.")

@@ -15,11 +15,14 @@ trainer checkpoint and ``load_state_dict()`` continues exactly there.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from vllm_longspec.train.sources import DocumentReader
+from vllm_longspec.train.config import StageConfig
+from vllm_longspec.train.exclusions import ExclusionSet
+from vllm_longspec.train.sources import DocumentReader, index_documents, needs_tokenizer
 
 
 @dataclasses.dataclass
@@ -94,3 +97,24 @@ class PackedStream:
         self.position = StreamPosition(**state)
         self._order = None
         self._document = None
+
+
+def load_tokenizer(target_path: str | Path):
+    """The target's tokenizer, with no length limit (documents are packed)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(target_path))
+    tokenizer.model_max_length = int(1e12)
+    return tokenizer
+
+
+def stage_stream(
+    stage: StageConfig, stage_index: int, seed: int, exclusions: ExclusionSet,
+    target_path: str | Path, tokenizer=None,
+) -> tuple[PackedStream, object]:
+    """(the stage's packed stream, the tokenizer it uses): the trainer's and the
+    feature cache's sequences are the same. ``tokenizer`` is loaded if needed."""
+    if tokenizer is None and needs_tokenizer(stage.sources):
+        tokenizer = load_tokenizer(target_path)
+    reader = DocumentReader(index_documents(stage.sources, exclusions), tokenizer)
+    return PackedStream(reader, stage.seq_len, seed, stage_index), tokenizer

@@ -4,13 +4,18 @@ From one target forward over a batch at given position ids we take:
 
     embeddings     [batch, T, hidden]             embed_tokens(input_ids)
     last_keys      [batch, num_kv_heads, T, D]    last decoder layer, AFTER RoPE
+    last_keys_unrotated  [batch, num_kv_heads, T, D]   the same, BEFORE RoPE
     last_values    [batch, num_kv_heads, T, D]
     final_hidden   [batch, T, hidden]             after the final norm (distillation)
 
 The last-layer K/V come from the transformers ``DynamicCache`` filled by the
 forward: it stores keys exactly as the attention uses them (rotated at the
-given positions). The target's LM head is not run here (no [B, T, vocab]
-logits); distillation applies it chunk-wise in ``loss.py``.
+given positions). The unrotated keys are the last layer's ``k_proj`` applied
+to its normed input (the forward's recorded hidden states): what the feature
+cache stores, because only they can be rotated to other positions. The
+target's LM head is not run here (no [B, T, vocab] logits); distillation
+applies it chunk-wise in ``loss.py``, or ``teacher_top_k`` keeps its k largest
+logits.
 
 Two transformers behaviours matter for AOI and are handled here:
 - position ids with a jump (the AOI offset) look like packed sequences to
@@ -41,6 +46,7 @@ class UnsupportedTargetError(ValueError):
 class TargetOutputs:
     embeddings: torch.Tensor  # [batch, T, hidden]
     last_keys: torch.Tensor  # [batch, num_kv_heads, T, head_dim], rotated
+    last_keys_unrotated: torch.Tensor  # [batch, num_kv_heads, T, head_dim]
     last_values: torch.Tensor  # [batch, num_kv_heads, T, head_dim]
     final_hidden: torch.Tensor | None  # [batch, T, hidden] or None
 
@@ -106,11 +112,43 @@ def run_target(
         attention_mask=torch.ones_like(input_ids),
         past_key_values=cache,
         use_cache=True,
+        output_hidden_states=True,
     )
     last_layer = outputs.past_key_values.layers[-1]
+    # hidden_states: (embeddings, output of layer 1, .., of layer L-1, final normed)
+    # [batch, T, hidden]: the last decoder layer's input
+    last_input = outputs.hidden_states[-2]
+    decoder = target.model.layers[-1]
+    keys = decoder.self_attn.k_proj(decoder.input_layernorm(last_input))
+    batch, seq_len = input_ids.shape
+    # [batch, num_kv_heads, T, head_dim]
+    keys = keys.view(batch, seq_len, -1, last_layer.keys.shape[-1]).transpose(1, 2)
     return TargetOutputs(
         embeddings=embeddings,
         last_keys=last_layer.keys,
+        last_keys_unrotated=keys,
         last_values=last_layer.values,
         final_hidden=outputs.last_hidden_state if need_final_hidden else None,
     )
+
+
+@torch.no_grad()
+def teacher_top_k(
+    final_hidden: torch.Tensor,  # [batch, T, hidden]
+    lm_head: torch.Tensor,  # [vocab, hidden]
+    k: int,
+    chunk_rows: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The target's k largest logits per position, largest first, in the head's
+    dtype, and their token ids: ([batch, T, k], [batch, T, k] int64)."""
+    batch, seq_len, hidden = final_hidden.shape
+    flat = final_hidden.reshape(-1, hidden)
+    values, ids = [], []
+    for start in range(0, flat.shape[0], chunk_rows):
+        # [chunk, vocab], computed as the loss computes the target's logits
+        logits = flat[start:start + chunk_rows].to(lm_head.dtype) @ lm_head.T
+        top = torch.topk(logits, k, dim=-1, sorted=True)
+        values.append(top.values)
+        ids.append(top.indices)
+    return (torch.cat(values).view(batch, seq_len, k),
+            torch.cat(ids).view(batch, seq_len, k))

@@ -1,13 +1,14 @@
 """The training loop: stages of AdamW steps, checkpoints, exact resume, export.
 
 Per optimiser step: set the stage's warmup+cosine lr, take ``grad_accum``
-micro-batches from the stage's packed stream, draw AOI positions and the noise
-shift from the step's own generator, backpropagate each micro-batch's share of
-the loss, clip the gradient norm, step AdamW. Every ``checkpoint_every`` steps
-(and at the end of each stage) the full trainer state goes atomically to
-``output_dir/checkpoint-last.pt`` and the loss curve is redrawn; at the end the
-draft is exported to ``output_dir/draft`` with ``save_draft``, in our layout or
-the reference code's (``layout="published"``).
+micro-batches from the stage's packed stream (or its feature cache), draw AOI
+positions (cache: a pure position shift) and the noise shift from the step's
+own generator, run the target (not with a cache), backpropagate each
+micro-batch's share of the loss, clip the gradient norm, step AdamW. Every
+``checkpoint_every`` steps (and at the end of each stage) the full trainer
+state goes atomically to ``output_dir/checkpoint-last.pt`` and the loss curve
+is redrawn; at the end the draft is exported to ``output_dir/draft`` with
+``save_draft``, in our layout or the reference code's (``layout="published"``).
 
 Resuming loads that checkpoint and continues bit-for-bit: weights, optimiser
 moments, step counters (the lr depends only on them), the data position, RNG.
@@ -24,14 +25,26 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from vllm_longspec.model.checkpoint import DRAFT_VOCAB, DraftCheckpointError
 from vllm_longspec.train.config import StageConfig, TrainConfig
-from vllm_longspec.train.data import PackedStream
+from vllm_longspec.train.data import PackedStream, stage_stream
 from vllm_longspec.train.exclusions import ExclusionSet
+from vllm_longspec.train.features import (
+    CachedStream,
+    FeatureCache,
+    FeatureSpec,
+    check_cache_for_stage,
+    pure_shift,
+)
+from vllm_longspec.train.loss import NUM_STATS
 from vllm_longspec.train.metrics import MetricsLog, plot_loss_curve
 from vllm_longspec.train.model import load_draft_weights, new_draft
 from vllm_longspec.train.schedule import warmup_cosine_lr
-from vllm_longspec.train.sources import DocumentReader, index_documents, needs_tokenizer
 from vllm_longspec.train.step import (
+    MicroBatch,
+    TargetFeatures,
+    draw_noise_shift,
+    live_features,
     loss_tokens,
     make_micro_batch,
     micro_batch_loss,
@@ -39,6 +52,7 @@ from vllm_longspec.train.step import (
 )
 from vllm_longspec.train.target import (
     check_target_config,
+    lm_head_weight,
     load_target,
     read_target_config,
 )
@@ -49,6 +63,7 @@ from vllm_longspec.train.trainer_checkpoint import (
     rng_states,
     save_checkpoint,
 )
+from vllm_longspec.train.vocab_map import VocabMap, read_draft_vocab
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +130,18 @@ class Trainer:
             log.info("initialised the draft from %s", config.init_from)
         self.draft.to(self.device)
         self.draft.train()
+        vocab_ids = read_draft_vocab(config.draft_vocab) if config.draft_vocab else None
+        self.vocab = VocabMap.build(self.target_config["vocab_size"], vocab_ids)
+        # [draft_vocab, hidden]: the LM-head rows the loss's softmax runs over
+        self.head = self.vocab.head(lm_head_weight(self.target))
+        self._check_feature_caches()
         self.optimizer = _optimizer(self.draft, config)
         self.exclusions = ExclusionSet.from_config(
             config.exclude_paths, config.exclude_list_file
         )
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl")
         self.progress = Progress()
-        self.stream: PackedStream | None = None
+        self.stream: PackedStream | CachedStream | None = None
         self._pending_data_state: dict[str, int] | None = None
         self._tokenizer = None
 
@@ -134,25 +154,63 @@ class Trainer:
 
     # -- data -------------------------------------------------------------
 
-    def _tokenizer_for(self, stage: StageConfig):
-        if self._tokenizer is None and needs_tokenizer(stage.sources):
-            from transformers import AutoTokenizer
+    def _check_feature_caches(self) -> None:
+        """Every cache a stage names exists, is complete and fits it (before step 1)."""
+        need_top_k = (self.config.distill_top_k or 0) if self.config.distill_weight else 0
+        for stage_index, stage in enumerate(self.config.stages):
+            if stage.features:
+                expected = FeatureSpec.for_stage(self.config, stage_index,
+                                                 self.target_path, self.target_config)
+                check_cache_for_stage(FeatureCache(stage.features_path()).spec,
+                                      expected, need_top_k)
 
-            self._tokenizer = AutoTokenizer.from_pretrained(str(self.target_path))
-            self._tokenizer.model_max_length = int(1e12)  # documents are packed
-        return self._tokenizer
-
-    def _stream_for(self, stage_index: int) -> PackedStream:
+    def _stream_for(self, stage_index: int) -> PackedStream | CachedStream:
         if self.stream is None:
             stage = self.config.stages[stage_index]
-            index = index_documents(stage.sources, self.exclusions)
-            reader = DocumentReader(index, self._tokenizer_for(stage))
-            self.stream = PackedStream(reader, stage.seq_len, self.config.seed,
-                                       stage_index)
+            if stage.features:
+                self.stream = CachedStream(FeatureCache(stage.features_path()),
+                                           self.config.seed, stage_index)
+            else:
+                self.stream, self._tokenizer = stage_stream(
+                    stage, stage_index, self.config.seed, self.exclusions,
+                    self.target_path, self._tokenizer)
             if self._pending_data_state is not None:
                 self.stream.load_state_dict(self._pending_data_state)
                 self._pending_data_state = None
         return self.stream
+
+    def _micro_batches(
+        self, stage: StageConfig, stream: PackedStream | CachedStream,
+        generator: torch.Generator,
+    ) -> list[tuple[MicroBatch, TargetFeatures | None]]:
+        """The step's micro-batches; features come with them from a cache, else
+        None (the target runs on each in turn, so one set is alive at a time)."""
+        config, count = self.config, stage.sequences_per_micro_batch
+        noise_range = tuple(config.noise_shift)
+        batches = []
+        for _ in range(stage.grad_accum):
+            if isinstance(stream, CachedStream):
+                cached = stream.next_batch(count)
+                positions = cached.position_ids
+                if stage.aoi:
+                    positions = pure_shift(positions, self.max_positions, generator)
+                micro_batch = MicroBatch(cached.input_ids, cached.loss_mask, positions,
+                                         draw_noise_shift(generator, noise_range))
+                batches.append((micro_batch.to(self.device),
+                                cached.features.to(self.device)))
+            else:
+                micro_batch = make_micro_batch(
+                    *stream.next_batch(count), generator, stage.aoi,
+                    self.max_positions, config.aoi_max_anchors, noise_range)
+                batches.append((micro_batch.to(self.device), None))
+        return batches
+
+    def _live_features(self, micro_batch: MicroBatch) -> TargetFeatures:
+        config = self.config
+        teacher = None
+        if config.distill_weight > 0:
+            teacher = "top_k" if config.distill_top_k else "full"
+        return live_features(self.target, micro_batch, teacher, config.distill_top_k)
 
     # -- one step ----------------------------------------------------------
 
@@ -164,23 +222,21 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         generator = step_generator(config.seed, progress.global_step)
-        micro_batches = [
-            make_micro_batch(*stream.next_batch(stage.sequences_per_micro_batch),
-                             generator, stage.aoi, self.max_positions,
-                             config.aoi_max_anchors, tuple(config.noise_shift)
-                             ).to(self.device)
-            for _ in range(stage.grad_accum)
-        ]
-        step_loss_tokens = sum(loss_tokens(mb.loss_mask) for mb in micro_batches)
-        total_loss, stats = 0.0, torch.zeros(4, dtype=torch.float64)
-        for micro_batch in micro_batches:
+        micro_batches = self._micro_batches(stage, stream, generator)
+        step_loss_tokens = sum(loss_tokens(mb.loss_mask) for mb, _ in micro_batches)
+        total_loss, stats = 0.0, torch.zeros(NUM_STATS, dtype=torch.float64)
+        for micro_batch, features in micro_batches:
+            if features is None:
+                features = self._live_features(micro_batch)
             loss, micro_stats = micro_batch_loss(
-                self.draft, self.target, micro_batch, step_loss_tokens,
-                distill_weight=config.distill_weight,
+                self.draft, self.target, micro_batch, features, step_loss_tokens,
+                self.vocab, self.head, distill_weight=config.distill_weight,
+                distill_top_k=config.distill_top_k,
                 chunk_rows=config.loss_chunk_rows,
                 autocast_dtype=(torch.bfloat16
                                 if config.autocast_dtype == "bfloat16" else None),
             )
+            del features
             loss.backward()
             total_loss += loss.item()
             stats += micro_stats.cpu()
@@ -195,13 +251,15 @@ class Trainer:
         progress.last_loss = total_loss
         elapsed = time.perf_counter() - started
         rows = max(1.0, float(stats[3]))
+        in_vocab_rows = max(1.0, float(stats[3] - stats[4]))
         return {
             "step": progress.global_step, "stage": stage.name,
             "stage_step": progress.stage_step, "lr": lr, "loss": total_loss,
-            "ce": float(stats[0]) / rows, "kl": float(stats[1]) / rows,
-            "top1_acc": float(stats[2]) / rows, "grad_norm": float(grad_norm),
+            "ce": float(stats[0]) / in_vocab_rows, "kl": float(stats[1]) / rows,
+            "top1_acc": float(stats[2]) / rows, "outside_vocab": float(stats[4]) / rows,
+            "grad_norm": float(grad_norm),
             "loss_tokens": step_loss_tokens, "tokens": progress.tokens_seen,
-            "noise_shift": [mb.noise_shift for mb in micro_batches],
+            "noise_shift": [mb.noise_shift for mb, _ in micro_batches],
             "step_seconds": elapsed, "tokens_per_s": stage.batch_tokens / elapsed,
         }
 
@@ -215,6 +273,10 @@ class Trainer:
             from vllm_longspec.model.checkpoint import check_publishable
 
             check_publishable(self.target_config, self.config.sliding_window)
+            if self.vocab.ids is not None:
+                raise DraftCheckpointError(
+                    "the published layout has no place for the draft vocabulary "
+                    "this run trains with (draft_vocab): export with layout longspec.")
         stages, steps_this_run = self.config.stages, 0
         while self.progress.stage_index < len(stages):
             stage = stages[self.progress.stage_index]
@@ -275,6 +337,16 @@ class Trainer:
                  self.progress.global_step, self.progress.stage_index,
                  self.progress.stage_step)
 
+    def _export_state(self) -> dict[str, torch.Tensor]:
+        """The draft's weights, plus the draft vocabulary it was trained over."""
+        state = dict(self.draft.state_dict())
+        if self.vocab.ids is not None:
+            state[DRAFT_VOCAB] = self.vocab.ids
+        return state
+
+    def _draft_vocab_settings(self) -> dict[str, int]:
+        return {} if self.vocab.ids is None else {"draft_vocab_size": self.vocab.size}
+
     def export(self, layout: str = "longspec") -> Path:
         """Write ``output_dir/draft``; layout "published" is the reference code's
         (no ``longspec`` section: the summary below is then not stored)."""
@@ -294,9 +366,10 @@ class Trainer:
             "excluded_files": len(self.exclusions.skipped),
         }
         directory = save_draft(
-            self.output_dir / "draft", self.draft.state_dict(), self.target_config,
+            self.output_dir / "draft", self._export_state(), self.target_config,
             {"sliding_window": self.config.sliding_window,
-             "target": str(self.target_path), "trained": summary},
+             "target": str(self.target_path), "trained": summary,
+             **self._draft_vocab_settings()},
             layout=layout,
         )
         log.info("exported the draft to %s", directory)
