@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 # Queries per block of the windowed self-attention: memory is
 # O(T * (QUERY_BLOCK + W)) instead of O(T^2).
-QUERY_BLOCK = 512
+QUERY_BLOCK = 256
 
 
 def sliding_window_attention(
