@@ -44,8 +44,9 @@ def test_published_draft_becomes_a_longspec_draft(family_target, tmp_path):
     assert spec.method == "draft_model"
     assert spec.num_speculative_tokens == 4
     assert spec.draft_model_config.architectures == ["LongSpecForCausalLM"]
-    assert spec.draft_model_config.hf_config.longspec == {"sliding_window": 512,
-                                                          "tree": None}
+    settings = spec.draft_model_config.hf_config.longspec
+    assert settings["sliding_window"] == 512 and settings["tree"] is None
+    assert not settings.get("draft_vocab_size")
     assert is_longspec_speculation(config)
     # Nothing was written into the user's directory.
     assert json.loads((draft / "config.json").read_text())["architectures"] == [
