@@ -53,6 +53,13 @@ class LongSpecConfig:
         tree: level widths of the dynamic beam tree drafted each step, e.g.
             ``(4, 16, 16)`` (docs/tree-speculation.md); ``None`` drafts a chain.
             All widths 1 is a chain and is stored as ``None``.
+        context_lookup: chains: propose what followed the latest tokens earlier
+            in the request (prompt + output) when that match is long enough,
+            instead of the draft's chain (``adaptive_chains.py``).
+        adaptive: chains: choose each request's number of speculative tokens
+            (0..num_speculative_tokens) every step from its measured acceptance
+            and the measured cost of drafting and verifying
+            (``speculation/policy.py``); off: always the full chain.
     """
 
     model: str
@@ -60,6 +67,8 @@ class LongSpecConfig:
     sliding_window: int | None = None
     draft_sample_method: DraftSampleMethod = "probabilistic"
     tree: tuple[int, ...] | None = None
+    context_lookup: bool = True
+    adaptive: bool = True
 
     @classmethod
     def allowed_keys(cls) -> tuple[str, ...]:
@@ -111,6 +120,12 @@ class LongSpecConfig:
                 "Key 'draft_sample_method' must be 'greedy' or 'probabilistic', "
                 f"got {sample!r}."
             )
+        switches = {}
+        for key in ("context_lookup", "adaptive"):
+            value = options.get(key, True)
+            if not isinstance(value, bool):
+                raise LongSpecConfigError(f"Key {key!r} must be true or false, got {value!r}.")
+            switches[key] = value
         tree = _parse_tree(options.get("tree"))
         if tree is not None and all(width == 1 for width in tree):
             # A width-1 tree is the chain of its depth.
@@ -137,6 +152,7 @@ class LongSpecConfig:
             sliding_window=window,
             draft_sample_method=sample,
             tree=tree,
+            **switches,
         )
 
     @property

@@ -45,6 +45,7 @@ chain (``tree_runner.layout``), so the argument above holds unchanged.
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 from typing_extensions import override
@@ -54,6 +55,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
+from vllm_longspec.adaptive_chains import AdaptiveChains
 from vllm_longspec.model.draft import CrossAttentionInputs
 from vllm_longspec.model.paged_attention import split_kv_cache
 from vllm_longspec.testing import DraftRecorder, TestProposer
@@ -86,6 +88,14 @@ class LongSpecProposer(DraftModelProposer):
         # the runner's patches and sampler), the drafter of the levels, and the
         # first pass's hidden states at the roots while it runs.
         self.tree_rounds = TreeRounds() if self.tree_widths else None
+        # Chains: context lookup and the speculation policy (off for trees and
+        # for the test-only proposer modes, which need every step's drafts).
+        self.adaptive: AdaptiveChains | None = None
+        lookup, adaptive = longspec.get("context_lookup"), longspec.get("adaptive")
+        if (not self.tree_widths and (lookup or adaptive) and self.test_proposer is None
+                and self.recorder is None):
+            self.adaptive = AdaptiveChains(self.num_speculative_tokens,
+                                           lookup=bool(lookup), adaptive=bool(adaptive))
         self.tree_drafter: TreeDrafter | None = None
         self._root_hidden_states: list[torch.Tensor] | None = None
 
@@ -225,6 +235,13 @@ class LongSpecProposer(DraftModelProposer):
                 num_rejected_tokens_gpu=num_rejected_tokens_gpu,
                 slot_mappings=slot_mappings,
             )
+        if self.adaptive is not None:
+            return self._propose_adaptive(
+                inputs, num_rejected_tokens_gpu, target_token_ids, target_positions,
+                target_hidden_states, next_token_ids, token_indices_to_sample, cad,
+                sampling_metadata, mm_embed_inputs=mm_embed_inputs,
+                num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+                slot_mappings=slot_mappings)
         self.model.cross_attention_inputs = inputs
         recording = self.recorder is not None and self.recorder.active
         captured = self.recorder.capture(self.model) if recording else None
@@ -255,6 +272,27 @@ class LongSpecProposer(DraftModelProposer):
             )
             self._last_draft_probs = None
         return draft_token_ids
+
+    def _propose_adaptive(self, inputs: CrossAttentionInputs, num_rejected_tokens,
+                          *draft_args, **draft_kwargs) -> list[list[int]]:
+        """Chains with context lookup and the speculation policy
+        (``adaptive_chains``): per request K_r tokens, from the lookup or the
+        draft; the draft runs ``plan.draft_steps`` steps (0: its first pass
+        only, which keeps its window cache in step)."""
+        num_reqs = inputs.committed_lens.shape[0]
+        decoding = ~self.runner.discard_request_mask.np[:num_reqs].astype(bool)
+        plan = self.adaptive.plan(self.runner.input_batch, num_reqs, draft_args[3],
+                                  num_rejected_tokens, decoding)
+        started = time.perf_counter()
+        self.model.cross_attention_inputs = inputs
+        try:
+            draft_token_ids = super().propose(plan.draft_steps, *draft_args, **draft_kwargs)
+        finally:
+            self.model.cross_attention_inputs = None
+        drafting_ms = (time.perf_counter() - started) * 1e3
+        proposals, self._last_draft_probs = self.adaptive.compose(
+            plan, draft_token_ids, self._last_draft_probs, drafting_ms)
+        return proposals
 
     def _propose_trees(self, inputs: CrossAttentionInputs, window_block_table,
                        sampling_metadata, *first_pass_args, **first_pass_kwargs

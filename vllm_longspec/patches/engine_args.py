@@ -101,6 +101,8 @@ def build_longspec_speculative_config(
         **draft.longspec,
         "sliding_window": config.sliding_window or draft.sliding_window,
         "tree": list(config.tree) if config.tree is not None else None,
+        "context_lookup": config.context_lookup,
+        "adaptive": config.adaptive,
     }
     speculative_config.update_arch_()
     if config.tree is not None:

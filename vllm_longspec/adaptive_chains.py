@@ -1,0 +1,209 @@
+"""Chain mode's per-step choice: context lookup or the draft, and how many tokens.
+
+``AdaptiveChains`` sits between vLLM's runner and the pure algorithms of
+``vllm_longspec.speculation``. Once per step, before the draft runs, it
+
+1. rebuilds each decoding request's token history as it stands after this
+   step's verification: the runner's committed tokens
+   (``input_batch.token_ids_cpu[row, :num_tokens_no_spec[row]]``, not yet
+   holding this step's tokens: LongSpec drafts before vLLM's bookkeeping), the
+   drafts this step accepted (the request's last proposal minus
+   ``num_rejected``) and the new bonus token; for example a request whose row
+   holds ``a b c``, that proposed ``d e f`` and had 1 of them rejected, with
+   bonus ``g``, has history ``a b c d e g``;
+2. learns from that verification (acceptance per request, source and chain
+   position; the measured time of the step) and keeps the context lookup in
+   step with the history;
+3. asks the policy for each request's K in 0..K_max and its source: the
+   lookup's continuation when its match is long enough (``LookupRule``), else
+   the draft's chain; ``draft_steps`` = the longest draft chain (0: the draft
+   only runs its first pass, which keeps its window cache in step, no LM head).
+
+After drafting, ``compose`` builds vLLM's per-request proposal lists (a
+request may get fewer tokens than another, or none) and, when the draft
+sampled probabilistically, the draft distributions the rejection sampler reads
+for each proposed token: the draft's own rows, and for lookup tokens a one-hot
+row (a deterministic proposal: accepted with probability p(token), the
+residual is p without it; exactly how vLLM treats proposals that come without
+draft probabilities, so the output distribution is unchanged).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_longspec.speculation.lookup import ContextLookup, LookupRule
+from vllm_longspec.speculation.policy import (
+    DRAFT,
+    LOOKUP,
+    PolicyConfig,
+    Request,
+    SpeculationPolicy,
+)
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """One step's proposals before the draft runs (rows in runner order)."""
+
+    req_ids: tuple[str, ...]
+    num_tokens: tuple[int, ...]          # K_r (0: no speculation for row r)
+    sources: tuple[str, ...]             # DRAFT or LOOKUP per row
+    lookup_tokens: tuple[tuple[int, ...], ...]  # the lookup's tokens per row (maybe ())
+    draft_steps: int                     # D: the draft's chain length this step
+
+
+@dataclass
+class _Proposed:
+    source: str
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _StepRecord:
+    """What the next step needs to time this one's verification."""
+
+    ended: float              # perf_counter() when drafting finished
+    req_ids: tuple[str, ...]
+    verified: int             # tokens the next target forward verifies: sum(1 + K_r)
+    mean_context: float
+    draft_steps: int
+    drafting_ms: float
+
+
+class AdaptiveChains:
+    def __init__(self, k_max: int, *, lookup: bool = True, adaptive: bool = True,
+                 min_match: int = 3):
+        self.k_max = k_max
+        self.lookup = ContextLookup() if lookup else None
+        self.rule = LookupRule(min_match)
+        self.policy = SpeculationPolicy(PolicyConfig(k_max=k_max)) if adaptive else None
+        self._proposed: dict[str, _Proposed] = {}   # req id -> last step's proposal
+        self._known: set[str] = set()               # req ids with lookup/policy state
+        self._last_step: _StepRecord | None = None
+        self._mean_context = 0.0
+
+    # ---- before drafting -----------------------------------------------------
+
+    def plan(self, input_batch, num_reqs: int, next_token_ids: torch.Tensor,
+             num_rejected: torch.Tensor | None, decoding: np.ndarray) -> ChainPlan:
+        """``decoding``: [num_reqs] bool, rows whose bonus token is real (not a
+        prompt chunk before the last, whose sample vLLM discards)."""
+        now = time.perf_counter()
+        req_ids = tuple(input_batch.req_ids[:num_reqs])
+        rejected = ([0] * num_reqs if num_rejected is None
+                    else num_rejected[:num_reqs].tolist())
+        bonus = next_token_ids[:num_reqs].tolist()
+        self._observe_step_time(now, req_ids, decoding)
+        requests, lookup_tokens = [], []
+        for row, req_id in enumerate(req_ids):
+            proposed = self._proposed.pop(req_id, None)
+            if not decoding[row]:
+                requests.append(Request(req_id, 0))
+                lookup_tokens.append(())
+                continue
+            num_committed = int(input_batch.num_tokens_no_spec[row])
+            accepted = ()
+            if proposed is not None and proposed.tokens:
+                accepted = proposed.tokens[:max(0, len(proposed.tokens) - rejected[row])]
+                if self.policy is not None:
+                    self.policy.observe(req_id, proposed.source, len(proposed.tokens),
+                                        len(accepted))
+            tokens = ()
+            if self.lookup is not None:
+                history = np.concatenate([
+                    input_batch.token_ids_cpu[row, :num_committed],
+                    np.asarray(accepted + (bonus[row],), dtype=np.int64)])
+                self.lookup.sync(req_id, history)
+                proposal = self.lookup.propose(req_id, self.k_max)
+                if self.rule.use_lookup(proposal):
+                    tokens = tuple(proposal.tokens.tolist())
+            requests.append(Request(req_id, num_committed + len(accepted) + 1, len(tokens)))
+            lookup_tokens.append(tokens)
+        self._forget_finished(req_ids)
+        contexts = [r.context_len for r, d in zip(requests, decoding, strict=True) if d]
+        self._mean_context = float(np.mean(contexts)) if contexts else 0.0
+        if self.policy is None:
+            num_tokens = tuple(len(t) if t else self.k_max if d else 0
+                               for t, d in zip(lookup_tokens, decoding, strict=True))
+            sources = tuple(LOOKUP if t else DRAFT for t in lookup_tokens)
+        else:
+            step = self.policy.plan([r for r, d in zip(requests, decoding, strict=True)
+                                     if d])
+            num_tokens, sources = _spread(step.num_tokens, step.sources, decoding)
+        draft_steps = max((k for k, s in zip(num_tokens, sources, strict=True)
+                           if s == DRAFT), default=0)
+        return ChainPlan(req_ids, num_tokens, sources, tuple(lookup_tokens), draft_steps)
+
+    # ---- after drafting ------------------------------------------------------
+
+    def compose(self, plan: ChainPlan, draft_token_ids: torch.Tensor,
+                draft_probs: torch.Tensor | None, drafting_ms: float
+                ) -> tuple[list[list[int]], torch.Tensor | None]:
+        """draft_token_ids: [num_reqs, D]; draft_probs: [num_reqs, D, V] or None.
+        Returns the proposal per row and the draft probabilities
+        [num_reqs, max K_r, V] (None when the draft sampled none)."""
+        drafts = draft_token_ids.tolist()
+        proposals: list[list[int]] = []
+        for row, (k, source) in enumerate(zip(plan.num_tokens, plan.sources, strict=True)):
+            tokens = (plan.lookup_tokens[row] if source == LOOKUP else drafts[row])[:k]
+            proposals.append(list(tokens))
+            self._proposed[plan.req_ids[row]] = _Proposed(source, tuple(tokens))
+        self._record_step(plan, drafting_ms)
+        if draft_probs is None or not any(plan.num_tokens):
+            return proposals, None
+        width = max(plan.num_tokens)
+        # [num_reqs, width, V] the draft's rows, one-hot rows for lookup tokens
+        probs = draft_probs.new_zeros(len(proposals), width, draft_probs.shape[-1])
+        for row, tokens in enumerate(proposals):
+            if plan.sources[row] == DRAFT:
+                probs[row, :len(tokens)] = draft_probs[row, :len(tokens)]
+            elif tokens:
+                probs[row, torch.arange(len(tokens)), torch.tensor(tokens)] = 1.0
+        return proposals, probs
+
+    # ---- bookkeeping ---------------------------------------------------------
+
+    def _record_step(self, plan: ChainPlan, drafting_ms: float) -> None:
+        self._last_step = _StepRecord(
+            time.perf_counter(), plan.req_ids, sum(1 + k for k in plan.num_tokens),
+            self._mean_context, plan.draft_steps, drafting_ms)
+
+    def _observe_step_time(self, now: float, req_ids: tuple[str, ...],
+                           decoding: np.ndarray) -> None:
+        """From the end of the last drafting to now ran the rest of that step and
+        this step's target forward: the time of verifying what was proposed.
+        Observed only when the batch is the same and every row decodes (a prompt
+        chunk or a new request would be timed as verification)."""
+        last, self._last_step = self._last_step, None
+        if self.policy is None or last is None:
+            return
+        if last.req_ids != req_ids or not bool(np.all(decoding)):
+            return
+        self.policy.observe_step(
+            last.verified, len(req_ids), last.mean_context, (now - last.ended) * 1e3,
+            len(req_ids) if last.draft_steps else 0,
+            last.drafting_ms / last.draft_steps if last.draft_steps else None)
+
+    def _forget_finished(self, req_ids: tuple[str, ...]) -> None:
+        """Free the state of requests that left the batch (finished or
+        preempted: a preempted request is rebuilt from its tokens later)."""
+        live = set(req_ids)
+        for req_id in self._known - live:
+            self._proposed.pop(req_id, None)
+            if self.lookup is not None:
+                self.lookup.remove_request(req_id)
+            if self.policy is not None:
+                self.policy.remove_request(req_id)
+        self._known = live
+
+
+def _spread(num_tokens, sources, decoding) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """The policy's choices for the decoding rows, 0 / DRAFT for the others."""
+    chosen = iter(zip(num_tokens, sources, strict=True))
+    out = [next(chosen) if d else (0, DRAFT) for d in decoding]
+    return tuple(k for k, _ in out), tuple(s for _, s in out)
