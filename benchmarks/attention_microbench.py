@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from vllm_longspec.attention import cpu_hybrid
 from vllm_longspec.attention.cpu_cache import gather_kv_blocks, split_kv_pages
 from vllm_longspec.attention.cpu_extension import load_cpu_extension
-from vllm_longspec.attention.tree_mask import (
+from vllm_longspec.tree.mask import (
     ancestor_mask,
     chain_parents,
     pack_ancestor_bits,

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from vllm_longspec.tree.limits import MAX_SPEC_TOKENS
+
+__all__ = ["MAX_SPEC_TOKENS"]  # the kernels' mask width, re-exported
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32,)
-MAX_SPEC_TOKENS = 128
 
 
 def check_tensor(name: str, tensor, dims: int, dtypes=None, device=None) -> None:

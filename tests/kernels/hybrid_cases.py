@@ -7,7 +7,7 @@ import random
 import torch
 
 from vllm_longspec.attention.cpu_cache import split_kv_pages
-from vllm_longspec.attention.tree_mask import ancestor_mask, pack_ancestor_bits
+from vllm_longspec.tree.mask import ancestor_mask, pack_ancestor_bits
 
 # Named tolerances: (atol, rtol) of outputs against the float64 reference.
 TOLERANCES = {

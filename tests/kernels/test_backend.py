@@ -22,7 +22,7 @@ from vllm_longspec.attention.spec_trees import (
     SpecTreeBatch,
     spec_trees,
 )
-from vllm_longspec.attention.tree_mask import ancestor_mask
+from vllm_longspec.tree.mask import ancestor_mask
 
 pytest.importorskip("vllm")
 

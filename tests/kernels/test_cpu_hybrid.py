@@ -18,8 +18,8 @@ from hybrid_cases import (
 
 from vllm_longspec.attention import cpu_hybrid
 from vllm_longspec.attention.cpu_cache import logical_kv_views
-from vllm_longspec.attention.tree_mask import unpack_ancestor_bits
 from vllm_longspec.reference import hybrid_attention as reference
+from vllm_longspec.tree.mask import unpack_ancestor_bits
 
 # Prefix lengths straddle block (32/128) and split edges; 0 = empty prefix.
 PREFIX_LENS = [0, 1, 31, 32, 33, 127, 128, 129, 700, 2049]

@@ -25,8 +25,8 @@ from hybrid_cases import (
 )
 
 from vllm_longspec.attention.spec_trees import SpecTreeBatch, spec_trees
-from vllm_longspec.attention.tree_mask import ancestor_mask
 from vllm_longspec.reference import hybrid_attention as reference
+from vllm_longspec.tree.mask import ancestor_mask
 
 pytest.importorskip("vllm")
 gpu_backend = pytest.importorskip("vllm_longspec.attention.gpu_backend")

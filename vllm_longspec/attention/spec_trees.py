@@ -13,7 +13,7 @@ plan into the metadata shared by all layers)::
 
 Row r's query tokens are [root, drafts...] (vLLM schedules the last sampled
 token followed by the draft tokens); ``parents`` index them, ``parents[0] == -1``
-(see ``tree_mask``). If the scheduler sent fewer tokens than the tree has, the
+(see ``tree.mask``). If the scheduler sent fewer tokens than the tree has, the
 first ``query_len`` tokens are used (topological order keeps that a tree); more
 tokens than the tree is an error. Rows without a tree use vLLM's stock kernel
 (unless ``VLLM_LONGSPEC_HYBRID_CHAINS=1``, below).
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_longspec.attention.tree_mask import (
+from vllm_longspec.tree.mask import (
     ancestor_mask,
     chain_parents,
     validate_parents,

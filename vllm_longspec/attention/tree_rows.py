@@ -15,7 +15,8 @@ from collections.abc import Sequence
 import torch
 
 from vllm_longspec.attention.spec_trees import get_spec_trees, tree_rows_of_batch
-from vllm_longspec.attention.tree_mask import MAX_SPEC_TOKENS, pack_ancestor_bits
+from vllm_longspec.tree.limits import MAX_SPEC_TOKENS
+from vllm_longspec.tree.mask import pack_ancestor_bits
 
 
 def applicable_tree_batch(layer_names: Sequence[str]):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_longspec.attention.tree_mask import unpack_ancestor_bits
+from vllm_longspec.tree.mask import unpack_ancestor_bits
 
 
 def masked_spec_attention(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_longspec.attention.tree_mask import MAX_SPEC_TOKENS
+from vllm_longspec.tree.limits import MAX_SPEC_TOKENS
 from vllm_longspec.tree.sampling import BatchSampling
 from vllm_longspec.tree.structure import DraftTree
 

@@ -45,7 +45,7 @@ class ProposedTree:
                             self.depths[:num_nodes], probs)
 
     def query_parents(self) -> list[int]:
-        """Parents of the verification query tokens [root, nodes...] (``tree_mask``)."""
+        """Parents of the verification query tokens [root, nodes...] (``tree.mask``)."""
         return [-1] + (self.parents + 1).tolist()
 
 

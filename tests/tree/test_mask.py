@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from vllm_longspec.attention.tree_mask import (
+from vllm_longspec.tree.mask import (
     ancestor_mask,
     chain_parents,
     pack_ancestor_bits,

@@ -6,8 +6,8 @@ described by ``parents``: ``parents[0] == -1`` and ``0 <= parents[i] < i``.
 A chain is ``parents[i] == i - 1`` (the causal default).
 
 Token i sees token j iff j is i or an ancestor of i: ``ancestor_mask``, or
-batched from a tensor, ``ancestor_masks`` (also used by ``vllm_longspec.tree``
-for masks over draft nodes only). Kernels take that mask as ``ancestor_bits``
+batched from a tensor, ``ancestor_masks`` (also used for masks over draft
+nodes only, ``DraftTree.ancestor_mask``). Kernels take that mask as ``ancestor_bits``
 [num_tokens, words] int32 (bit ``j % 32`` of word ``j // 32``), at most
 ``MAX_SPEC_TOKENS`` tokens per request.
 """
@@ -18,9 +18,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vllm_longspec.kernels.checks import MAX_SPEC_TOKENS
-
-BITS_WORDS = MAX_SPEC_TOKENS // 32
+from vllm_longspec.tree.limits import BITS_WORDS, MAX_SPEC_TOKENS
 
 
 def chain_parents(num_tokens: int) -> list[int]:
