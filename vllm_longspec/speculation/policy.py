@@ -186,12 +186,22 @@ class SpeculationPolicy:
 
     def rates(self, request_id: Hashable, source: str) -> np.ndarray:
         """[K_max] a_r(i) for one request and source."""
-        population = self._population[source].rates(
-            self._priors[source], self.config.population_prior_weight)
-        state = self._requests.get(request_id)
-        if state is None:
-            return population
-        return state.acceptance[source].rates(population, self.config.prior_weight)
+        return self._rates([request_id], [source])[0]
+
+    def _rates(self, request_ids: Sequence[Hashable], sources: Sequence[str]) -> np.ndarray:
+        """[batch, K_max] a_r(i), each request's counts shrunk to the population's."""
+        population = {s: self._population[s].rates(
+            self._priors[s], self.config.population_prior_weight) for s in SOURCES}
+        k = self.config.k_max
+        tried, accepted, parent = (np.zeros((len(sources), k)) for _ in range(3))
+        for row, (request_id, source) in enumerate(zip(request_ids, sources, strict=True)):
+            parent[row] = population[source]
+            state = self._requests.get(request_id)
+            if state is not None:
+                tried[row] = state.acceptance[source].tried
+                accepted[row] = state.acceptance[source].accepted
+        weight = self.config.prior_weight
+        return (accepted + weight * parent) / (tried + weight)
 
     def observe(self, request_id: Hashable, source: str, proposed: int,
                 accepted: int) -> None:
@@ -224,14 +234,17 @@ class SpeculationPolicy:
         if batch == 0:
             return StepPlan((), (), 0, 0.0, 0.0, 0.0)
         context = float(np.mean([r.context_len for r in requests]))
-        limits = [min(self.config.k_max, r.lookup_tokens) if s == LOOKUP
-                  else self.config.k_max for r, s in zip(requests, sources, strict=True)]
-        # [batch] each request's gains g_r(1..limit)
-        gains = [np.cumprod(self.rates(r.request_id, s))[:limit]
-                 for r, s, limit in zip(requests, sources, limits, strict=True)]
+        k_max = self.config.k_max
+        is_lookup = np.array([s == LOOKUP for s in sources])
+        # [batch] how many tokens each request may propose (lookup: what it found)
+        limits = np.where(is_lookup, np.minimum([r.lookup_tokens for r in requests], k_max),
+                          k_max)
+        # [batch, K_max] gains g_r(i) = a_r(1) ... a_r(i); 0 past a request's limit
+        gains = np.cumprod(self._rates([r.request_id for r in requests], sources), axis=1)
+        gains[np.arange(k_max) >= limits[:, None]] = 0.0
         drafting = sources.count(DRAFT)
         plain_ms = float(self.cost.target_ms(batch, batch, context))
-        best = self._best_speculative(gains, sources, batch, context, drafting)
+        best = self._best_speculative(gains, is_lookup, context, drafting)
 
         margin = self.config.stay_margin if self._speculating else self.config.enter_margin
         probe = False
@@ -249,21 +262,23 @@ class SpeculationPolicy:
                                            self.config.max_probe_interval)
         probed = self._probe_starved(requests, chosen) if chosen.draft_steps > 0 else set()
         self._count_streaks(requests, chosen, probed)
-        chosen = self._priced(chosen, gains, sources, batch, context, drafting)
+        chosen = self._priced(chosen.num_tokens, gains, is_lookup, context, drafting)
         return StepPlan(tuple(chosen.num_tokens), sources, chosen.draft_steps,
                         chosen.tokens, chosen.ms, plain_ms, probe)
 
-    def _best_speculative(self, gains: list[np.ndarray], sources: tuple[str, ...],
-                          batch: int, context: float, drafting: int) -> _Candidate | None:
+    def _best_speculative(self, gains: np.ndarray, is_lookup: np.ndarray, context: float,
+                          drafting: int) -> _Candidate | None:
+        """The plan with the most tokens per ms among those proposing >= 1 token."""
+        batch, k_max = gains.shape
+        positions = np.arange(k_max)
         best, best_speed = None, -1.0
-        for depth in range(self.config.k_max + 1):
-            # [M] candidate tokens: (request, gain), lookup positions and draft ones <= depth
-            owners = [r for r, (g, s) in enumerate(zip(gains, sources, strict=True))
-                      for _ in range(len(g) if s == LOOKUP else min(depth, len(g)))]
-            if not owners:
+        for depth in range(k_max + 1):
+            # [batch, K_max] tokens allowed: lookup ones, draft ones at positions < depth
+            allowed = (gains > 0) & (is_lookup[:, None] | (positions < depth))
+            rows = np.nonzero(allowed)[0]                                # [M] row-major
+            if len(rows) == 0:
                 continue
-            values = np.concatenate([g if s == LOOKUP else g[:depth]
-                                     for g, s in zip(gains, sources, strict=True)])
+            values = gains[allowed]                                      # [M]
             # stable: a request's positions stay in order among equal gains
             order = np.argsort(-values, kind="stable")
             tokens = batch + np.cumsum(values[order])                    # [M]
@@ -273,22 +288,20 @@ class SpeculationPolicy:
             n = int(np.argmax(tokens / ms))
             if tokens[n] / ms[n] > best_speed:
                 best_speed = tokens[n] / ms[n]
-                num_tokens = np.bincount(np.array(owners)[order[:n + 1]], minlength=batch)
-                best = _Candidate(num_tokens.tolist(), depth, 0.0)
+                best = np.bincount(rows[order[:n + 1]], minlength=batch).tolist()
         if best is None:
             return None
-        return self._priced(best, gains, sources, batch, context, drafting)
+        return self._priced(best, gains, is_lookup, context, drafting)
 
-    def _priced(self, candidate: _Candidate, gains: list[np.ndarray],
-                sources: tuple[str, ...], batch: int, context: float,
-                drafting: int) -> _Candidate:
-        tokens = batch + sum(float(g[:k].sum()) for g, k in zip(
-            gains, candidate.num_tokens, strict=True))
-        depth = max((k for k, s in zip(candidate.num_tokens, sources, strict=True)
-                     if s == DRAFT), default=0)
-        ms = float(self.cost.target_ms(batch + sum(candidate.num_tokens), batch, context))
+    def _priced(self, num_tokens: list[int], gains: np.ndarray, is_lookup: np.ndarray,
+                context: float, drafting: int) -> _Candidate:
+        batch, k_max = gains.shape
+        counts = np.array(num_tokens)
+        tokens = batch + float(gains[np.arange(k_max) < counts[:, None]].sum())
+        depth = int(counts[~is_lookup].max(initial=0))
+        ms = float(self.cost.target_ms(batch + int(counts.sum()), batch, context))
         ms += depth * self.cost.draft_step_ms(drafting) if depth else 0.0
-        return _Candidate(candidate.num_tokens, depth, tokens, ms)
+        return _Candidate(list(num_tokens), depth, tokens, ms)
 
     def _probe_starved(self, requests: Sequence[Request], chosen: _Candidate) -> set[int]:
         """In a step that drafts anyway, K = 1 for requests at 0 past their interval."""
