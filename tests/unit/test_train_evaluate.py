@@ -121,3 +121,17 @@ def test_summary_counts_the_draft_steps_a_lookup_round_saves():
                                   k=4, max_ngram=2)
     assert Summary([result], k=4, max_ngram=2, draft_step_ratio=0.1).threshold == 1
     assert Summary([result], k=4, max_ngram=2, draft_step_ratio=0.0).threshold == 2
+
+
+def test_the_evaluator_drafts_with_the_window_the_draft_was_exported_with(tmp_path):
+    import json
+
+    from vllm_longspec.model.checkpoint import random_draft_state, save_draft
+    from vllm_longspec.train.evaluate import DraftEvaluator
+    from vllm_longspec.train.tiny_target import save_tiny_llama
+
+    target = save_tiny_llama(tmp_path / "target")
+    config = json.loads((target / "config.json").read_text())
+    draft = save_draft(tmp_path / "draft", random_draft_state(config), config,
+                       {"sliding_window": 7})
+    assert DraftEvaluator(draft, target).draft.sliding_window == 7

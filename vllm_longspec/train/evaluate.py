@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_longspec.model.checkpoint import read_draft_checkpoint
 from vllm_longspec.train.model import LongSpecDraft, load_draft_weights
 from vllm_longspec.train.round_sources import RoundOptions, round_options
 from vllm_longspec.train.target import lm_head_weight, load_target, run_target
@@ -64,10 +65,10 @@ class DraftEvaluator:
     """A trained draft directory next to its (frozen, float32) target."""
 
     def __init__(self, draft_dir: str | Path, target_dir: str | Path):
-        config = json.loads((Path(draft_dir) / "config.json").read_text())
         self.target = load_target(target_dir, torch.float32)
         target_config = json.loads((Path(target_dir) / "config.json").read_text())
-        window = (config.get("longspec") or {}).get("sliding_window", 512)
+        # the window the draft was exported with (the engine's default for it)
+        window = read_draft_checkpoint(draft_dir).sliding_window
         self.draft = LongSpecDraft(target_config, window).eval()
         vocab = load_draft_weights(self.draft, draft_dir)
         head = lm_head_weight(self.target).float()
