@@ -67,7 +67,7 @@ empty draft per request (vLLM's ``ngram`` proposer returns them).
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -151,12 +151,12 @@ class _RequestState:
 
 @dataclass
 class _Candidate:
-    """One assignment of K_r: the gains it adds and what it costs."""
+    """One assignment of K_r: the tokens it is expected to emit and what it costs."""
 
     num_tokens: list[int]
     draft_steps: int
     tokens: float
-    ms: float = field(default=0.0)
+    ms: float
 
 
 class SpeculationPolicy:
