@@ -100,9 +100,9 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                 label = labels[rows]
                 in_head = label >= 0
                 safe_label = label.clamp(min=0)
-                # [chunk, V]
-                logits = (hidden[rows].to(weight.dtype) @ weight.T).float()
-                log_probs = torch.log_softmax(logits, dim=-1)
+                # [chunk, V] in W's dtype, then float32 log-probabilities
+                logits = hidden[rows].to(weight.dtype) @ weight.T
+                log_probs = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
                 del logits
                 # [chunk]
                 ce = -log_probs.gather(1, safe_label[:, None]).squeeze(1) * in_head
@@ -111,30 +111,31 @@ class ChunkedLMHeadLoss(torch.autograd.Function):
                 stats[0] += ce.sum().double()
                 stats[2] += (log_probs.argmax(-1) == label).sum()
                 stats[4] += (~in_head).sum()
-                # d loss_r / d logits_r, before the row weight: [chunk, V]
-                probs = log_probs.exp()
-                grad_logits = probs * ce_weight[:, None]
-                grad_logits.scatter_add_(1, safe_label[:, None], -ce_weight[:, None])
+                draft_weight = ce_weight  # weight of softmax_draft in the gradient
                 if distill_weight > 0:
                     kl, has_kl, target_probs, sparse_rows = _teacher_terms(
                         teacher, rows, weight, log_probs)
                     kl_weight = distill_weight * has_kl
-                    grad_logits.add_(probs * kl_weight[:, None])
-                    if sparse_rows is None:
-                        grad_logits.add_(target_probs, alpha=-distill_weight)
-                    else:
-                        grad_logits.scatter_add_(1, sparse_rows,
-                                                 -distill_weight * target_probs)
+                    draft_weight = ce_weight + kl_weight
                     row_loss = row_loss + kl_weight * kl
                     stats[1] += kl.sum().double()
-                del probs
                 row_weight = row_weights[rows].float()
                 loss += (row_weight * row_loss).sum()
-                if needs_grad:
-                    grad_logits *= row_weight[:, None]
-                    grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(
-                        hidden.dtype
-                    )
+                if not needs_grad:
+                    continue
+                # d loss / d logits = w_r (c_r softmax_draft - (1-a) onehot(label)
+                # - a p_teacher), written over log_probs (no longer needed): [chunk, V]
+                grad_logits = log_probs.exp_().mul_((row_weight * draft_weight)[:, None])
+                grad_logits.scatter_add_(1, safe_label[:, None],
+                                         -(row_weight * ce_weight)[:, None])
+                if distill_weight > 0:
+                    teacher_weight = (distill_weight * row_weight)[:, None]
+                    if sparse_rows is None:
+                        grad_logits.sub_(target_probs.mul_(teacher_weight))
+                    else:
+                        grad_logits.scatter_add_(1, sparse_rows,
+                                                 -teacher_weight * target_probs)
+                grad_hidden[rows] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)
         stats[3] = hidden.shape[0]
         ctx.save_for_backward(grad_hidden)
         ctx.mark_non_differentiable(stats)
