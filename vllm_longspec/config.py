@@ -55,7 +55,7 @@ class LongSpecConfig:
             All widths 1 is a chain and is stored as ``None``.
         context_lookup: chains: propose what followed the latest tokens earlier
             in the request (prompt + output) when that match is long enough,
-            instead of the draft's chain (``adaptive_chains.py``).
+            instead of the draft's chain (``runner/adaptive_chains.py``).
         adaptive: chains: choose each request's number of speculative tokens
             (0..num_speculative_tokens) every step from its measured acceptance
             and the measured cost of drafting and verifying

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from vllm_longspec.adaptive_chains import AdaptiveChains
+from vllm_longspec.runner.adaptive_chains import AdaptiveChains
 from vllm_longspec.speculation.policy import DRAFT, LOOKUP
 
 VOCAB = 50

@@ -210,9 +210,9 @@ def drafted(vllm_draft):
     from types import SimpleNamespace
 
     from vllm_longspec.model.draft import CrossAttentionInputs
+    from vllm_longspec.runner.tree_drafter import TreeDrafter
     from vllm_longspec.testing import DraftRecorder
     from vllm_longspec.tree import BatchSampling
-    from vllm_longspec.tree_runner.drafter import TreeDrafter
 
     gen = torch.Generator().manual_seed(11)
     training = TrainingSide(vllm_draft.embed_weight, vllm_draft.lm_head_weight)

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 
 from vllm_longspec.attention.cpu_cache import gather_kv_tokens, split_kv_pages
-from vllm_longspec.tree_runner.layout import (
+from vllm_longspec.runner.layout import (
     commit_accepted_paths,
     place_nodes_at_depths,
 )
-from vllm_longspec.tree_runner.rounds import ProposedTree
+from vllm_longspec.runner.step import ProposedTree
 
 BLOCK, HEADS, HEAD = 32, 2, 64
 

@@ -34,10 +34,10 @@ import torch
 from vllm.v1.sample.ops import topk_topp_sampler
 
 from tests.unit.binomial_cells import acceptance_bounds, detectable_bias
+from vllm_longspec.runner.sampling import batch_sampling
+from vllm_longspec.runner.step import ProposedTree
+from vllm_longspec.runner.verification import verify_step
 from vllm_longspec.tree import BatchSampling, BeamTreeBuilder, DraftTree
-from vllm_longspec.tree_runner.rounds import ProposedTree
-from vllm_longspec.tree_runner.sampling import batch_sampling
-from vllm_longspec.tree_runner.verification import verify_step
 
 VOCAB = 4
 CONTEXT_BASE = VOCAB + 1

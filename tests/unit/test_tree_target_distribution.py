@@ -14,8 +14,8 @@ import pytest
 import torch
 from vllm.v1.sample.ops import topk_topp_sampler
 
+from vllm_longspec.runner.sampling import batch_sampling
 from vllm_longspec.tree import BatchSampling, top_k_top_p_reference
-from vllm_longspec.tree_runner.sampling import batch_sampling
 
 
 def vllm_filter(logits, top_k, top_p):

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+from vllm_longspec.runner.step import ProposedTree, TreeRounds
+from vllm_longspec.runner.verification import verify_step
 from vllm_longspec.tree import BatchSampling
-from vllm_longspec.tree_runner.rounds import ProposedTree, TreeRounds
-from vllm_longspec.tree_runner.verification import verify_step
 
 VOCAB = 11
 
@@ -183,7 +183,7 @@ def test_rounds_match_scheduled_drafts_with_trees():
 def test_requests_with_unsupported_settings_are_refused():
     from vllm import SamplingParams
 
-    from vllm_longspec.tree_runner.sampling import (
+    from vllm_longspec.runner.sampling import (
         UnsupportedTreeSamplingError,
         check_request_supported,
     )

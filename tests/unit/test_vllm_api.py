@@ -41,7 +41,7 @@ PINNED_EXACTLY = [
      ["self", "target_language_model"]),
     ("vllm.v1.spec_decode.llm_base_proposer", "SpecDecodeBaseProposer._sample_draft_tokens",
      ["self", "hidden_states", "sampling_metadata"]),
-    # Tree mode (vllm_longspec/tree_runner, patches/prepare_inputs.py,
+    # Tree mode (vllm_longspec/runner, patches/prepare_inputs.py,
     # patches/attention_metadata.py, patches/model_runner.py).
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs",
      ["self", "scheduler_output", "num_scheduled_tokens"]),
@@ -130,7 +130,7 @@ CALLED_WITH = [
     ("vllm", "ModelRegistry.get_supported_archs", []),
     ("vllm.distributed", "get_tensor_model_parallel_world_size", []),
     ("vllm.model_executor.layers.activation", "SiluAndMul.__init__", []),
-    # Tree mode's target distribution (tree_runner/sampling.py), positionally.
+    # Tree mode's target distribution (runner/sampling.py), positionally.
     ("vllm.v1.sample.ops.topk_topp_sampler", "apply_top_k_top_p", ["logits", "k", "p"]),
 ]
 
@@ -292,7 +292,7 @@ def test_tree_mode_reads_and_returns_these():
     from vllm.v1.sample.metadata import SamplingMetadata
     from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
-    from vllm_longspec.tree_runner import verification
+    from vllm_longspec.runner import verification
 
     assert rejection_sampler.PLACEHOLDER_TOKEN_ID == verification.PLACEHOLDER_TOKEN_ID
     assert {"sampled_token_ids", "logprobs_tensors"} <= set(
@@ -305,7 +305,7 @@ def test_tree_mode_reads_and_returns_these():
     from vllm import SamplingParams
     from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 
-    from vllm_longspec.tree_runner.sampling import UNSUPPORTED_SETTINGS
+    from vllm_longspec.runner.sampling import UNSUPPORTED_SETTINGS
 
     params = SamplingParams()
     assert all(hasattr(params, name) for name in UNSUPPORTED_SETTINGS)

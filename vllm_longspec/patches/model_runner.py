@@ -49,11 +49,11 @@ def apply() -> None:
     def __init__(self, vllm_config, device, *args, **kwargs):
         _orig___init__(self, vllm_config, device, *args, **kwargs)
         if is_longspec_speculation(vllm_config) and hasattr(self, "drafter"):
-            from vllm_longspec.proposer import LongSpecProposer
+            from vllm_longspec.runner.proposer import LongSpecProposer
 
             self.drafter = LongSpecProposer(self.vllm_config, self.device, self)
             if self.drafter.tree_rounds is not None:
-                from vllm_longspec.tree_runner.sampler import TreeRejectionSampler
+                from vllm_longspec.runner.tree_sampler import TreeRejectionSampler
 
                 self.longspec_tree_rounds = self.drafter.tree_rounds
                 self.rejection_sampler = TreeRejectionSampler(

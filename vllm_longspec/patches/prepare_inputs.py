@@ -34,8 +34,8 @@ def apply() -> None:
         rounds = tree_rounds_of(self)
         if rounds is None:
             return _orig__prepare_inputs(self, scheduler_output, num_scheduled_tokens)
-        from vllm_longspec.tree_runner.layout import place_nodes_at_depths
-        from vllm_longspec.tree_runner.sampling import check_request_supported
+        from vllm_longspec.runner.layout import place_nodes_at_depths
+        from vllm_longspec.runner.sampling import check_request_supported
 
         for request in scheduler_output.scheduled_new_reqs:
             check_request_supported(request.req_id, request.sampling_params)

@@ -3,7 +3,7 @@
 Target: the front end's per-request validation of ``SamplingParams`` (runs in
     the API server / ``LLM`` process, before a request reaches the engine).
 Why: tree speculation cannot honour some sampling settings
-    (``tree_runner/sampling.py``). Refusing them here fails that one request
+    (``runner/sampling.py``). Refusing them here fails that one request
     with a ``VLLMValidationError`` (HTTP 400 from ``vllm serve``, raised by
     ``LLM.generate``); found in the worker, the same check could only stop the
     engine.
@@ -33,7 +33,7 @@ def apply() -> None:
     from vllm.sampling_params import SamplingParams
     from vllm.v1.engine.input_processor import InputProcessor
 
-    from vllm_longspec.tree_runner.sampling import (
+    from vllm_longspec.runner.sampling import (
         UnsupportedTreeSamplingError,
         check_request_supported,
     )

@@ -2,7 +2,7 @@
 
 ``BatchSampling`` takes the filter as a function. The runner passes vLLM's own
 (``vllm.v1.sample.ops.topk_topp_sampler.apply_top_k_top_p``, see
-``tree_runner/sampling.py``); this reference, the default, has the semantics
+``runner/sampling.py``); this reference, the default, has the semantics
 of vLLM 0.32's PyTorch path (the one it runs on CPU), and a test checks the two
 agree. On logits already divided by the temperature:
 

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from vllm_longspec.attention.cpu_cache import move_kv_tokens
-from vllm_longspec.tree_runner.rounds import ProposedTree, TargetKVGroups
+from vllm_longspec.runner.step import ProposedTree, TargetKVGroups
 
 
 def place_nodes_at_depths(

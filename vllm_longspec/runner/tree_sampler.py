@@ -15,10 +15,10 @@ from __future__ import annotations
 from torch import nn
 from vllm.v1.outputs import SamplerOutput
 
-from vllm_longspec.tree_runner.layout import commit_accepted_paths
-from vllm_longspec.tree_runner.rounds import TreeRounds
-from vllm_longspec.tree_runner.sampling import batch_sampling
-from vllm_longspec.tree_runner.verification import verify_step
+from vllm_longspec.runner.layout import commit_accepted_paths
+from vllm_longspec.runner.sampling import batch_sampling
+from vllm_longspec.runner.step import TreeRounds
+from vllm_longspec.runner.verification import verify_step
 
 
 class TreeRejectionSampler(nn.Module):

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_longspec.runner.step import ProposedTree
 from vllm_longspec.tree import BatchSampling, DraftTree, verify
 from vllm_longspec.tree.verify import first_child_draft_probs
-from vllm_longspec.tree_runner.rounds import ProposedTree
 
 PLACEHOLDER_TOKEN_ID = -1  # vLLM's rejection_sampler.PLACEHOLDER_TOKEN_ID
 

@@ -34,12 +34,12 @@ position. Hence:
   included, and recomputes the request like a new prefill, which refills the
   window.
 
-Trees (``"tree"`` in the config, ``vllm_longspec.tree_runner``): the first pass
+Trees (``"tree"`` in the config, ``vllm_longspec.runner``): the first pass
 is the chain's (vLLM's, with one draft token), and the root's logits it ends
 with grow the round's dynamic beam trees, one draft forward per level
 (``TreeDrafter``); tree nodes are never written to the window. After
 verification the runner's buffers hold the accepted path as if it had been a
-chain (``tree_runner.layout``), so the argument above holds unchanged.
+chain (``runner.layout``), so the argument above holds unchanged.
 """
 
 from __future__ import annotations
@@ -55,14 +55,14 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
-from vllm_longspec.adaptive_chains import AdaptiveChains
 from vllm_longspec.model.draft import CrossAttentionInputs
 from vllm_longspec.model.paged_attention import split_kv_cache
+from vllm_longspec.runner.adaptive_chains import AdaptiveChains
+from vllm_longspec.runner.sampling import batch_sampling
+from vllm_longspec.runner.step import TreeRounds
+from vllm_longspec.runner.tree_drafter import TreeDrafter
 from vllm_longspec.testing import DraftRecorder, TestProposer
 from vllm_longspec.tree import BatchSampling
-from vllm_longspec.tree_runner.drafter import TreeDrafter
-from vllm_longspec.tree_runner.rounds import TreeRounds
-from vllm_longspec.tree_runner.sampling import batch_sampling
 
 logger = init_logger(__name__)
 # Temperatures below this are greedy (vLLM's sampler._SAMPLING_EPS).
