@@ -62,12 +62,16 @@ class TestProposer:
                 list(seq["output_token_ids"]))
         return cls(recorded, int(options.get("corrupt_every", 0)))
 
-    def continuation(self, state) -> list[int] | None:
-        """The recorded outputs of ``state``'s prompt that agree with the
-        tokens the request has produced so far (None: nothing recorded)."""
+    def continuation(self, state, bonus: int, bonus_token: int) -> list[int] | None:
+        """The recorded outputs of ``state``'s prompt that agree with what the
+        request has produced: its output tokens so far and ``bonus_token`` as
+        output number ``bonus`` (LongSpec drafts before vLLM's bookkeeping, so
+        the request's state does not hold this step's tokens yet). None:
+        nothing recorded agrees."""
         produced = list(state.output_token_ids)
         for outputs in self.recorded.get(tuple(state.prompt_token_ids), ()):
-            if outputs[:len(produced)] == produced:
+            if (outputs[:len(produced)] == produced and 0 <= bonus < len(outputs)
+                    and outputs[bonus] == bonus_token):
                 return outputs
         return None
 
@@ -76,17 +80,18 @@ class TestProposer:
         draft_token_ids: torch.Tensor,  # [num_reqs, K]
         runner,
         committed_lens: torch.Tensor,  # [num_reqs] position of each bonus token
+        bonus_tokens: torch.Tensor,  # [num_reqs] each request's bonus token
     ) -> torch.Tensor:
         drafts = draft_token_ids.clone()
         num_reqs, num_drafts = drafts.shape
         vocab_size = runner.input_batch.vocab_size
         for i, req_id in enumerate(runner.input_batch.req_ids[:num_reqs]):
             state = runner.requests[req_id]
-            outputs = self.continuation(state)
-            if outputs is None:
-                continue
             # The bonus token is output number `bonus`; drafts follow it.
             bonus = int(committed_lens[i]) - len(state.prompt_token_ids)
+            outputs = self.continuation(state, bonus, int(bonus_tokens[i]))
+            if outputs is None:
+                continue
             for k in range(num_drafts):
                 index = bonus + 1 + k
                 if index < 0 or index >= len(outputs):
@@ -102,6 +107,7 @@ class TestProposer:
         beam: BeamTree,
         runner,
         committed_lens: torch.Tensor,  # [num_reqs] position of each root
+        root_tokens: torch.Tensor,  # [num_reqs] each tree's root (the bonus token)
     ) -> BeamTree:
         tree = beam.tree
         tokens = tree.tokens.clone()
@@ -109,11 +115,11 @@ class TestProposer:
         vocab_size = runner.input_batch.vocab_size
         for i, req_id in enumerate(runner.input_batch.req_ids[: tree.batch_size]):
             state = runner.requests[req_id]
-            outputs = self.continuation(state)
-            if outputs is None:
-                continue
             # The root is output number `root`; depth d holds output root + d.
             root = int(committed_lens[i]) - len(state.prompt_token_ids)
+            outputs = self.continuation(state, root, int(root_tokens[i]))
+            if outputs is None:
+                continue
             slot = 0
             for index in range(root + 1, len(outputs)):
                 kids = [c for c in children[i, slot].tolist() if c >= 0]

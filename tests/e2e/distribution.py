@@ -2,42 +2,83 @@
 
 Shared by the sampled losslessness tests (chains and trees). The first token
 after the prompt comes from prefill; the second is the first one emitted by
-speculative verification. For a fixed prompt, P(t2) = sum_t1 P(t1) P(t2 | t1)
-is computed from the target with transformers in float64 over the most likely
-first tokens. Tokens are grouped into the ``BUCKETS`` most likely ones plus
-"any other" (the statistic measures the head of the distribution, not tail
-noise); the acceptance bound is the 99.9th percentile of the total-variation
-distance that N exact samples reach over those buckets (Monte Carlo), so a test
-fails for a biased sampler and passes for a correct one except with
-probability 1e-3.
+speculative verification. For a fixed prompt and sampling settings,
+P(t2) = sum_t1 P(t1) P(t2 | t1) is computed from the target with transformers
+in float64 over the most likely first tokens, each distribution filtered with
+vLLM's own top-k / top-p function (its definition of the settings). Tokens are
+grouped into the ``BUCKETS`` most likely ones plus "any other"; the acceptance
+bound is the 99.9th percentile of the total-variation distance that N exact
+samples reach over those buckets (Monte Carlo), so a correct sampler fails with
+probability 1e-3. ``detectable_tv`` says how large a bias the test then catches
+with 90% power (asserted <= ``MAX_DETECTABLE_TV``).
+
+The acceptance path: an oracle (the replaying test proposer, fed the target's
+likeliest second token after each likely first token) makes the first draft
+right often. Its proposals are deterministic, so vLLM accepts one with the
+target's probability of it: the observed acceptance rate must match that
+exactly computed rate, which a bug confined to the acceptance branch breaks.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import torch
 
-TEMPERATURE = 1.0
 PROMPT = "Once upon a time, in a small village by the sea,"
 TOP_FIRST_TOKENS = 48  # first tokens enumerated exactly; their mass is checked
 BUCKETS = 24  # most likely second tokens compared one by one; the rest pooled
+MAX_DETECTABLE_TV = 0.03  # end to end, with 90% power
+SETTINGS = {  # name -> vLLM sampling settings of a phase
+    "t1.0": {"temperature": 1.0},
+    "t0.7-topk-topp": {"temperature": 0.7, "top_k": 40, "top_p": 0.9},
+}
 
 
-def exact_second_token_distribution(target_dir, prompt_ids):
-    from transformers import AutoModelForCausalLM
+def filtered_probs(logits: torch.Tensor, settings: dict) -> torch.Tensor:
+    """[n, V] float64 logits -> the distribution vLLM samples from."""
+    from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p_pytorch
 
-    model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float64).eval()
-    with torch.no_grad():
-        first = torch.softmax(model(torch.tensor([prompt_ids])).logits[0, -1]
-                              / TEMPERATURE, -1)
-        top = torch.topk(first, TOP_FIRST_TOKENS)
-        batch = torch.tensor([prompt_ids + [t] for t in top.indices.tolist()])
-        second = torch.softmax(model(batch).logits[:, -1] / TEMPERATURE, -1)
-    covered = float(top.values.sum())
-    marginal = (top.values[:, None] * second).sum(0) / covered
-    return marginal.numpy(), set(top.indices.tolist()), covered
+    n = logits.shape[0]
+    top_k = settings.get("top_k")
+    top_p = settings.get("top_p")
+    scaled = logits / settings["temperature"]
+    scaled = apply_top_k_top_p_pytorch(
+        scaled.clone(), None if top_k is None else torch.full((n,), top_k),
+        None if top_p is None else torch.full((n,), top_p, dtype=scaled.dtype))
+    return torch.softmax(scaled, -1)
+
+
+class SecondToken:
+    """The exact law of (t1, t2) for ``settings`` over the top first tokens."""
+
+    def __init__(self, target_dir, prompt_ids: list[int], settings: dict):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float64).eval()
+        with torch.no_grad():
+            first = filtered_probs(model(torch.tensor([prompt_ids])).logits[:, -1],
+                                   settings)[0]
+            top = torch.topk(first, TOP_FIRST_TOKENS)
+            keep = top.values > 0
+            first_p, first_ids = top.values[keep], top.indices[keep]
+            batch = torch.tensor([prompt_ids + [t] for t in first_ids.tolist()])
+            second = filtered_probs(model(batch).logits[:, -1], settings)  # [T1, V]
+        self.covered = float(first_p.sum())
+        self.first_tokens = set(first_ids.tolist())
+        self.marginal = ((first_p[:, None] * second).sum(0) / self.covered).numpy()
+        # the oracle: after each first token, the likeliest second token
+        self.oracle = dict(zip(first_ids.tolist(), second.argmax(-1).tolist(), strict=True))
+        # first token -> P(t1) * p(oracle(t1) | t1)
+        self._oracle_mass = dict(zip(first_ids.tolist(),
+                                     (first_p * second.max(-1).values).tolist(), strict=True))
+
+    def oracle_acceptance(self) -> float:
+        """P(the first draft is accepted) when the oracle proposes after the
+        first tokens in ``self.oracle`` (after any other, ~0: a random draft)."""
+        return sum(self._oracle_mass[t1] for t1 in self.oracle)
 
 
 def bucket(probabilities: np.ndarray, head: np.ndarray) -> np.ndarray:
@@ -45,44 +86,116 @@ def bucket(probabilities: np.ndarray, head: np.ndarray) -> np.ndarray:
     return np.append(probabilities[head], max(0.0, 1.0 - probabilities[head].sum()))
 
 
-def tv_quantile(p: np.ndarray, n: int, q: float = 0.999, trials: int = 4000) -> float:
-    rng = np.random.default_rng(0)
+def sample_tvs(p: np.ndarray, n: int, trials: int, rng) -> np.ndarray:
     counts = rng.multinomial(n, p, size=trials)
-    return float(np.quantile(0.5 * np.abs(counts / n - p).sum(1), q))
+    return 0.5 * np.abs(counts / n - p).sum(1)
 
 
-def assert_follows(token_ids: list[list[int]], exact: np.ndarray, first_tokens: set[int],
-                   num_samples: int) -> None:
-    """The second tokens of the samples ``token_ids`` follow ``exact``."""
+def tv_quantile(p: np.ndarray, n: int, q: float = 0.999, trials: int = 4000) -> float:
+    return float(np.quantile(sample_tvs(p, n, trials, np.random.default_rng(0)), q))
+
+
+def detectable_tv(p: np.ndarray, n: int, bound: float, power: float = 0.9,
+                  trials: int = 1000) -> float:
+    """The smallest bias the test catches with ``power``: the sampler moves
+    mass d from the likeliest bucket to the second (TV d), n samples from that
+    biased law exceed ``bound`` in at least ``power`` of the trials; d found by
+    bisection over Monte Carlo power estimates (d capped at p's top mass)."""
+    rng = np.random.default_rng(1)
+    order = np.argsort(p)[::-1]
+    low, high = 0.0, float(p[order[0]])
+    for _ in range(14):
+        d = 0.5 * (low + high)
+        biased = p.copy()
+        biased[order[0]] -= d
+        biased[order[1]] += d
+        caught = np.mean(0.5 * np.abs(
+            rng.multinomial(n, biased, size=trials) / n - p).sum(1) > bound)
+        low, high = (d, high) if caught < power else (low, d)
+    return high
+
+
+def assert_follows(token_ids: list[list[int]], law: SecondToken, num_samples: int) -> dict:
+    """The second tokens of the samples ``token_ids`` follow ``law``."""
     # Condition on the enumerated first tokens (the exact marginal does too).
-    seconds = [ids[1] for ids in token_ids if ids[0] in first_tokens]
+    seconds = [ids[1] for ids in token_ids if ids[0] in law.first_tokens]
     assert len(seconds) > 0.5 * num_samples
+    exact = law.marginal
     empirical = np.bincount(seconds, minlength=len(exact)) / len(seconds)
     head = np.argsort(exact)[::-1][:BUCKETS]
     exact_buckets, empirical_buckets = bucket(exact, head), bucket(empirical, head)
+    exact_buckets = exact_buckets / exact_buckets.sum()
     tv = 0.5 * np.abs(empirical_buckets - exact_buckets).sum()
-    bound = tv_quantile(exact_buckets / exact_buckets.sum(), len(seconds))
-    print(json.dumps({"tv": tv, "bound": bound, "n": len(seconds)}))
-    assert tv < bound
+    bound = tv_quantile(exact_buckets, len(seconds))
+    detectable = detectable_tv(exact_buckets, len(seconds), bound)
+    stats = {"tv": tv, "bound": bound, "n": len(seconds), "detectable_tv_90": detectable}
+    print(json.dumps(stats))
+    assert detectable <= MAX_DETECTABLE_TV, f"too few samples to see a bias: {stats}"
+    assert tv < bound, stats
+    return stats
+
+
+def assert_oracle_accepted_as_expected(counters: dict, law: SecondToken) -> None:
+    """The first draft (the oracle's) is accepted at the exact rate p(proposal)."""
+    drafts = counters["vllm:spec_decode_num_drafts"]
+    accepted = counters["vllm:spec_decode_num_accepted_tokens_per_pos"][0]
+    expected = law.oracle_acceptance()
+    # binomial noise; a random draft's lucky hits add at most ~1e-3
+    spread = 5 * math.sqrt(expected * (1 - expected) / drafts) + 2e-3
+    rate = accepted / drafts
+    print(json.dumps({"acceptance": rate, "expected": expected}))
+    assert expected > 0.3, "the oracle must make acceptance common"
+    assert abs(rate - expected) < spread, (rate, expected, spread)
+
+
+def sampled_phases(prompt_ids: list[int], num_samples: int, names) -> list[dict]:
+    return [{"name": name, "mode": "seeded", "prompt": prompt_ids,
+             "num_samples": num_samples, "max_tokens": 2, **SETTINGS[name]}
+            for name in names]
 
 
 def assert_speculation_keeps_distribution(tmp_path, target_dir, tokenizer,
-                                          speculative_config: dict,
-                                          num_samples: int = 1500) -> None:
-    """Seeded samples of the first two tokens under ``speculative_config``
-    follow the target's exact distribution (and speculation did run)."""
+                                          speculative_config: dict, num_samples: int,
+                                          settings: tuple[str, ...] = tuple(SETTINGS),
+                                          oracle: bool = False,
+                                          min_first_acceptance: float = 0.0) -> None:
+    """Seeded samples of the first two tokens under ``speculative_config``, for
+    each of ``settings`` (names in ``SETTINGS``; one engine), follow the target's exact distribution and
+    speculation ran; with ``oracle`` the test proposer proposes the oracle's
+    tokens and their acceptance rate is checked; otherwise at least
+    ``min_first_acceptance`` of the first drafts must be accepted."""
     from .conftest import run_engine_job
 
     prompt_ids = tokenizer(PROMPT)["input_ids"]
-    exact, first_tokens, covered = exact_second_token_distribution(target_dir, prompt_ids)
-    assert covered > 0.6, "enumerated first tokens must carry most of the mass"
+    laws = {name: SecondToken(target_dir, prompt_ids, SETTINGS[name]) for name in settings}
+    assert all(law.covered > 0.6 for law in laws.values()), "enumerate more first tokens"
+    env = {}
+    if oracle:
+        # Settings share the oracle when their likeliest tokens agree (checked).
+        oracles = [law.oracle for law in laws.values()]
+        shared = {t1: t2 for t1, t2 in oracles[0].items()
+                  if all(o.get(t1) == t2 for o in oracles)}
+        replay = tmp_path / "oracle.json"
+        replay.write_text(json.dumps({"sequences": [
+            {"prompt_token_ids": prompt_ids, "output_token_ids": [t1, t2]}
+            for t1, t2 in shared.items()]}))
+        for law in laws.values():
+            law.oracle = {t1: t2 for t1, t2 in law.oracle.items() if t1 in shared}
+        env["VLLM_LONGSPEC_TEST_PROPOSER"] = json.dumps({"replay": str(replay)})
     result = run_engine_job(tmp_path, {
         "model": str(target_dir), "max_tokens": 2, "max_num_seqs": 128,
-        "max_model_len": 512, "speculative_config": speculative_config,
-        "phases": [{"name": "s", "mode": "seeded", "prompt": prompt_ids,
-                    "num_samples": num_samples, "temperature": TEMPERATURE,
-                    "max_tokens": 2}],
+        "max_model_len": 512, "speculative_config": speculative_config, "env": env,
+        "phases": sampled_phases(prompt_ids, num_samples, settings),
     })
-    phase = result["phases"]["s"]
-    assert phase["counters"]["vllm:spec_decode_num_draft_tokens"] > 0
-    assert_follows(phase["token_ids"], exact, first_tokens, num_samples)
+    for name, law in laws.items():
+        phase = result["phases"][name]
+        assert phase["counters"]["vllm:spec_decode_num_draft_tokens"] > 0
+        assert_follows(phase["token_ids"], law, num_samples)
+        counters = phase["counters"]
+        if oracle:
+            assert_oracle_accepted_as_expected(counters, law)
+        else:
+            first = (counters["vllm:spec_decode_num_accepted_tokens_per_pos"][0]
+                     / counters["vllm:spec_decode_num_drafts"])
+            print(json.dumps({"first_draft_acceptance": first}))
+            assert first >= min_first_acceptance, first

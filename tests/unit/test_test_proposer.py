@@ -24,18 +24,20 @@ def test_replay_and_corrupt(tmp_path, monkeypatch):
     proposer = TestProposer.from_env()
     model_drafts = torch.full((1, 3), 999)
     # Bonus token at position 4 = output #1 (11): drafts are outputs #2..#4.
-    got = proposer.override(model_drafts, _runner([5, 6, 7]), torch.tensor([4]))
+    got = proposer.override(model_drafts, _runner([5, 6, 7]), torch.tensor([4]),
+                            torch.tensor([11]))
     assert got.tolist() == [[12, 13, 14]]
     # Past the recording, the model's own drafts stay.
-    got = proposer.override(model_drafts, _runner([5, 6, 7]), torch.tensor([6]))
+    got = proposer.override(model_drafts, _runner([5, 6, 7]), torch.tensor([6]),
+                            torch.tensor([13]))
     assert got.tolist() == [[14, 999, 999]]
     # Unknown prompt: untouched.
-    got = proposer.override(model_drafts, _runner([1]), torch.tensor([4]))
+    got = proposer.override(model_drafts, _runner([1]), torch.tensor([4]), torch.tensor([11]))
     assert got.tolist() == [[999, 999, 999]]
 
     monkeypatch.setenv(ENV_VAR, json.dumps({"replay": str(path), "corrupt_every": 3}))
     got = TestProposer.from_env().override(model_drafts, _runner([5, 6, 7]),
-                                           torch.tensor([4]))
+                                           torch.tensor([4]), torch.tensor([11]))
     assert got.tolist() == [[12, 14, 14]]  # output #3 corrupted to 13 + 1
 
 
@@ -48,13 +50,18 @@ def test_replays_the_continuation_that_agrees_with_the_request(tmp_path, monkeyp
     monkeypatch.setenv(ENV_VAR, json.dumps({"replay": str(path)}))
     proposer = TestProposer.from_env()
     drafts = torch.full((1, 2), 999)
-    # Bonus token = output #0 at position 2; drafts are outputs #1, #2.
-    got = proposer.override(drafts, _runner([5, 6], produced=[11]), torch.tensor([2]))
+    # Bonus token = output #0 at position 2 (not yet in the request's state:
+    # LongSpec drafts before vLLM's bookkeeping); drafts are outputs #1, #2.
+    got = proposer.override(drafts, _runner([5, 6]), torch.tensor([2]), torch.tensor([11]))
     assert got.tolist() == [[30, 31]]
-    got = proposer.override(drafts, _runner([5, 6], produced=[10]), torch.tensor([2]))
+    got = proposer.override(drafts, _runner([5, 6]), torch.tensor([2]), torch.tensor([10]))
     assert got.tolist() == [[20, 21]]
     # A first token nothing was recorded for: the draft's own proposals.
-    got = proposer.override(drafts, _runner([5, 6], produced=[12]), torch.tensor([2]))
+    got = proposer.override(drafts, _runner([5, 6]), torch.tensor([2]), torch.tensor([12]))
+    assert got.tolist() == [[999, 999]]
+    # One step later the state holds output #0: the continuation must agree with it.
+    got = proposer.override(drafts, _runner([5, 6], produced=[10]), torch.tensor([3]),
+                            torch.tensor([30]))
     assert got.tolist() == [[999, 999]]
 
 
@@ -76,19 +83,19 @@ def test_replay_on_a_tree_branch(tmp_path, monkeypatch):
     parents = torch.tensor([[-1, -1, 1, 1, 0, 3]])
     tokens = torch.tensor([[12, 500, 501, 13, 502, 503]])  # 12 and 13 drafted already
     beam = BeamTree(DraftTree.from_parents(tokens, parents), torch.zeros(1, 6), None)
-    got = TestProposer.from_env().override_tree(beam, _runner([5, 6, 7]),
-                                                torch.tensor([4])).tree.tokens
+    got = TestProposer.from_env().override_tree(beam, _runner([5, 6, 7]), torch.tensor([4]),
+                                                torch.tensor([11])).tree.tokens
     # depth 1 (#2 = 12): both level-1 nodes have children; index 2 picks node 0.
     # depth 2 (#3 = 13): node 0's only child, node 4, a leaf (node 3 is on
     # another branch and may keep 13).
     assert got.tolist() == [[12, 500, 501, 13, 13, 503]]
     # One output later the path takes the second branch: nodes 1, 3, 5.
-    got = TestProposer.from_env().override_tree(beam, _runner([5, 6, 7]),
-                                                torch.tensor([5])).tree.tokens
+    got = TestProposer.from_env().override_tree(beam, _runner([5, 6, 7]), torch.tensor([5]),
+                                                torch.tensor([12])).tree.tokens
     assert got.tolist() == [[12, 13, 501, 14, 502, 15]]
 
     monkeypatch.setenv(ENV_VAR, json.dumps({"replay": str(path), "corrupt_every": 2}))
-    got = TestProposer.from_env().override_tree(beam, _runner([5, 6, 7]),
-                                                torch.tensor([4])).tree.tokens
+    got = TestProposer.from_env().override_tree(beam, _runner([5, 6, 7]), torch.tensor([4]),
+                                                torch.tensor([11])).tree.tokens
     # output #2 is corrupted: no child of the root carries 12 any more.
     assert got.tolist() == [[13, 500, 501, 13, 502, 503]]

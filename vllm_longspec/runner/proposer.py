@@ -268,8 +268,7 @@ class LongSpecProposer(DraftModelProposer):
                                inputs.committed_lens)
         if self.test_proposer is not None:
             draft_token_ids = self.test_proposer.override(
-                draft_token_ids, self.runner, inputs.committed_lens
-            )
+                draft_token_ids, self.runner, inputs.committed_lens, next_token_ids)
             self._last_draft_probs = None
         return draft_token_ids
 
@@ -315,7 +314,8 @@ class LongSpecProposer(DraftModelProposer):
             self._drafting_sampling(sampling_metadata, num_reqs))
         if self.test_proposer is not None:
             beam = self.test_proposer.override_tree(beam, self.runner,
-                                                    inputs.committed_lens)
+                                                    inputs.committed_lens,
+                                                    first_pass_args[3])
         self.tree_rounds.propose(self.runner.input_batch.req_ids[:num_reqs], beam)
         self._last_draft_probs = None  # tree rows are verified with the tree's own
         return beam.tree.tokens
