@@ -153,7 +153,7 @@ def test_one_step_from_the_cache_equals_one_step_with_the_target_live(
     live = live_features(target, micro_batch, "top_k", 16)
     loss_live, grads_live, _ = _loss_and_grads(draft, target, micro_batch, live, vocab, head)
 
-    tolerance = {"float32": 2e-4, "bfloat16": 3e-2}[dtype]
+    tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]  # measured: 5e-7, 6e-3
     torch.testing.assert_close(loss_cached, loss_live, rtol=tolerance, atol=tolerance)
     for name, grad in grads_live.items():
         scale = grad.abs().max().clamp(min=1e-6)
