@@ -81,9 +81,17 @@ def _package_missing(module: str, install_hint: str) -> str | None:
     return None
 
 
-def _longspec_config(options: MethodOptions) -> SpeculativeConfig:
+def _longspec_config(options: MethodOptions, **switches: bool) -> SpeculativeConfig:
+    """A LongSpec chain with the plugin's defaults, or with ``switches``
+    (``context_lookup``, ``adaptive``) set: the ablation variants."""
     return {"method": "longspec", "model": options.draft,
-            "num_speculative_tokens": options.num_speculative_tokens}
+            "num_speculative_tokens": options.num_speculative_tokens, **switches}
+
+
+def _longspec_variant(name: str, what: str, **switches: bool) -> Method:
+    return Method(name, lambda options: f"LongSpec chain, K<={options.num_speculative_tokens}"
+                  f", {what}", lambda options: _longspec_config(options, **switches),
+                  _no_draft, Parameters("K", _parse_k))
 
 
 def _no_draft(options: MethodOptions) -> str | None:
@@ -157,8 +165,16 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            lambda options: _package_missing(
                "arctic_inference", "pip install arctic-inference==0.1.1")),
     Method("longspec",
-           lambda options: f"LongSpec chain, K={options.num_speculative_tokens}",
+           lambda options: f"LongSpec chain, K<={options.num_speculative_tokens}, the "
+           "plugin's defaults (context lookup + adaptive policy)",
            _longspec_config, _no_draft, Parameters("K", _parse_k)),
+    # The ablation of issue 14: the draft alone, and one feature at a time.
+    _longspec_variant("longspec_draft", "the draft alone, every step",
+                      context_lookup=False, adaptive=False),
+    _longspec_variant("longspec_lookup", "context lookup, no policy",
+                      context_lookup=True, adaptive=False),
+    _longspec_variant("longspec_policy", "adaptive policy, no lookup",
+                      context_lookup=False, adaptive=True),
     Method("longspec_tree", _tree_summary, _tree_config, _no_draft,
            Parameters("W1,W2,...", _parse_tree)),
 )}

@@ -311,8 +311,13 @@ def test_method_specs_make_the_speculative_configs():
 
 
 def test_method_summaries_name_the_variant():
-    assert parse_spec("longspec").summary(WITH_DRAFT) == "LongSpec chain, K=4"
-    assert parse_spec("longspec:2").summary(WITH_DRAFT) == "LongSpec chain, K=2"
+    assert parse_spec("longspec").summary(WITH_DRAFT).startswith("LongSpec chain, K<=4, the")
+    assert parse_spec("longspec:2").summary(WITH_DRAFT).startswith("LongSpec chain, K<=2")
+    assert parse_spec("longspec_draft").summary(WITH_DRAFT).endswith("the draft alone, every step")
+    assert parse_spec("longspec_draft").config(WITH_DRAFT)["adaptive"] is False
+    assert parse_spec("longspec_lookup:3").config(WITH_DRAFT) == {
+        "method": "longspec", "model": WITH_DRAFT.draft, "num_speculative_tokens": 3,
+        "context_lookup": True, "adaptive": False}
     assert parse_spec("longspec_tree:4,4,4,4").summary(WITH_DRAFT).startswith(
         "LongSpec tree 4-4-4-4 (dynamic beam tree, 16 nodes, depth 4")
     assert parse_spec("longspec_tree:2,2,2").summary(WITH_DRAFT).startswith(
@@ -412,4 +417,4 @@ def test_report_shows_every_variant_with_its_own_acceptance_positions():
     assert "identical 1/1" in lines["longspec_tree:4,4,4,4"]
     assert "first diff at token 2" in lines["longspec_tree:2,2,2"]
     assert "- `longspec_tree:2,2,2`: LongSpec tree 2-2-2" in table
-    assert "- `longspec:1`: LongSpec chain, K=1;" in table
+    assert "- `longspec:1`: LongSpec chain, K<=1, the plugin's defaults" in table
