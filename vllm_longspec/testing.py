@@ -11,7 +11,9 @@ but then replaces its proposals by the continuation recorded from a plain greedy
 run (``{"sequences": [{"prompt_token_ids": [...], "output_token_ids": [...]}]}``):
 every draft is accepted. With ``corrupt_every = m`` the draft for every output
 index that is a multiple of m is replaced by a different token, forcing a
-rejection at a varying position in the chain. Proposals are deterministic
+rejection at a varying position in the chain; a recorded sequence may carry
+its own ``"corrupt_every"`` (one engine, several replay modes, told apart by
+prompt). Proposals are deterministic
 (no draft probabilities), which vLLM's rejection sampler treats losslessly.
 A prompt may be recorded with several continuations (sampled requests): each
 request replays the first one that agrees with the tokens it has produced so
@@ -47,6 +49,9 @@ class TestProposer:
     # prompt token ids -> recorded output token ids (one list per continuation)
     recorded: dict[tuple[int, ...], list[list[int]]]
     corrupt_every: int = 0
+    # prompt token ids -> that prompt's own corrupt_every (overrides the above)
+    corrupt_by_prompt: dict[tuple[int, ...], int] = dataclasses.field(
+        default_factory=dict)
 
     @classmethod
     def from_env(cls) -> TestProposer | None:
@@ -57,10 +62,18 @@ class TestProposer:
         with open(options["replay"]) as f:
             sequences = json.load(f)["sequences"]
         recorded: dict[tuple[int, ...], list[list[int]]] = {}
+        corrupt_by_prompt: dict[tuple[int, ...], int] = {}
         for seq in sequences:
-            recorded.setdefault(tuple(seq["prompt_token_ids"]), []).append(
-                list(seq["output_token_ids"]))
-        return cls(recorded, int(options.get("corrupt_every", 0)))
+            prompt = tuple(seq["prompt_token_ids"])
+            recorded.setdefault(prompt, []).append(list(seq["output_token_ids"]))
+            if "corrupt_every" in seq:
+                corrupt_by_prompt[prompt] = int(seq["corrupt_every"])
+        return cls(recorded, int(options.get("corrupt_every", 0)), corrupt_by_prompt)
+
+    def corrupt_period(self, state) -> int:
+        """The corrupt_every that applies to ``state``'s prompt."""
+        return self.corrupt_by_prompt.get(tuple(state.prompt_token_ids),
+                                          self.corrupt_every)
 
     def continuation(self, state, bonus: int, bonus_token: int) -> list[int] | None:
         """The recorded outputs of ``state``'s prompt that agree with what the
@@ -92,12 +105,13 @@ class TestProposer:
             outputs = self.continuation(state, bonus, int(bonus_tokens[i]))
             if outputs is None:
                 continue
+            corrupt_every = self.corrupt_period(state)
             for k in range(num_drafts):
                 index = bonus + 1 + k
                 if index < 0 or index >= len(outputs):
                     continue
                 token = outputs[index]
-                if self.corrupt_every and index % self.corrupt_every == 0:
+                if corrupt_every and index % corrupt_every == 0:
                     token = (token + 1) % vocab_size
                 drafts[i, k] = token
         return drafts
@@ -120,6 +134,7 @@ class TestProposer:
             outputs = self.continuation(state, root, int(root_tokens[i]))
             if outputs is None:
                 continue
+            corrupt_every = self.corrupt_period(state)
             slot = 0
             for index in range(root + 1, len(outputs)):
                 kids = [c for c in children[i, slot].tolist() if c >= 0]
@@ -129,7 +144,7 @@ class TestProposer:
                 for kid in kids:
                     if tokens[i, kid] == token:
                         tokens[i, kid] = (token + 1) % vocab_size
-                if self.corrupt_every and index % self.corrupt_every == 0:
+                if corrupt_every and index % corrupt_every == 0:
                     break
                 parents = [k for k in kids if bool((children[i, k + 1] >= 0).any())]
                 branches = parents or kids

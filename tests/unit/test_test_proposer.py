@@ -41,6 +41,23 @@ def test_replay_and_corrupt(tmp_path, monkeypatch):
     assert got.tolist() == [[12, 14, 14]]  # output #3 corrupted to 13 + 1
 
 
+def test_a_recorded_sequence_sets_its_own_corruption(tmp_path, monkeypatch):
+    """One engine, two replay modes: told apart by prompt."""
+    path = tmp_path / "rec.json"
+    outputs = [10, 11, 12, 13, 14]
+    path.write_text(json.dumps({"sequences": [
+        {"prompt_token_ids": [5, 6, 7], "output_token_ids": outputs},
+        {"prompt_token_ids": [5, 6], "output_token_ids": outputs, "corrupt_every": 3}]}))
+    monkeypatch.setenv(ENV_VAR, json.dumps({"replay": str(path)}))
+    proposer = TestProposer.from_env()
+    drafts = torch.full((1, 3), 999)
+    got = proposer.override(drafts, _runner([5, 6, 7]), torch.tensor([4]),
+                            torch.tensor([11]))
+    assert got.tolist() == [[12, 13, 14]]
+    got = proposer.override(drafts, _runner([5, 6]), torch.tensor([3]), torch.tensor([11]))
+    assert got.tolist() == [[12, 14, 14]]  # output #3 corrupted to 13 + 1
+
+
 def test_replays_the_continuation_that_agrees_with_the_request(tmp_path, monkeypatch):
     """Sampled requests: one recorded continuation per likely first token."""
     path = tmp_path / "rec.json"
