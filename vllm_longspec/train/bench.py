@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -142,6 +143,7 @@ def measure_cached(args: argparse.Namespace) -> dict[str, Any]:
     target = args.target or _default_target()
     vocab_size = read_target_config(target)["vocab_size"]
     steps = args.warmup + args.steps
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="longspec-bench-") as tmp:
         root = Path(tmp)
         rng = np.random.default_rng(0)
@@ -172,6 +174,9 @@ def measure_cached(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s_median": round(batch_tokens / statistics.median(timed), 1),
         "build_tokens_per_s": round(args.cache_sequences * args.seq_len / build_seconds, 1),
         "final_loss": records[-1]["loss"],
+        # 1-minute load average: about the other work competing for the cores
+        "loadavg_1min_before_after": [round(load_before[0], 2),
+                                      round(os.getloadavg()[0], 2)],
     }
     if profile_table:
         result["profile"] = profile_table
@@ -187,8 +192,6 @@ def _machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    import os
-
     return {"cpu": cpu, "logical_cpus": os.cpu_count(), "torch": torch.__version__}
 
 
