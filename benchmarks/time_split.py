@@ -7,7 +7,7 @@ Decodes one prompt of ``benchmarks/prompts/longctx-v1.jsonl`` (greedy; with
 ``--batch B``, B copies of it at once, as the long-context benchmark's batched
 cells do) with plain vLLM, ``ngram`` and LongSpec (the shipped draft), each in its
 own engine process with ``VLLM_LONGSPEC_TIME_SPLIT`` set
-(``vllm_longspec/profiling.py``), and prints the mean milliseconds per decode
+(``vllm_longspec/patches/step_timer.py``), and prints the mean milliseconds per decode
 step of the target forward, the drafting and everything else, plus tokens per
 step. Writes ``benchmarks/results/time_split.json``.
 """
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from vllm_longspec.assets import ensure_default_target
-    from vllm_longspec.profiling import ENV_VAR, summarise
+    from vllm_longspec.patches.step_timer import ENV_VAR, summarise
 
     model = str(ensure_default_target(progress=False))
     record = next(r for r in map(json.loads, PROMPTS.read_text().splitlines())

@@ -2,7 +2,7 @@
 
 ``VLLM_LONGSPEC_GPU=1`` turns on what this project has never run on a GPU:
 larger tiles, more warps and pipelining stages for these kernels, and the hybrid
-FlashAttention backend for tree verification (``attention/gpu_backend.py``).
+FlashAttention backend for tree verification (``attention/flash_backend.py``).
 UNTESTED ON GPU: the kernels have only run under ``TRITON_INTERPRET=1`` on CPU,
 where the small defaults keep the interpreter fast. Correctness does not depend
 on the tile sizes (they only change the iteration order).

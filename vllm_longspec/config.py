@@ -1,8 +1,15 @@
-"""User-facing LongSpec settings: parsed and validated once, at engine start-up.
+"""LongSpec settings: parsed and validated once, at engine start-up, then handed down.
 
 A user asks for LongSpec with ``--speculative-config '{"method": "longspec", ...}'``
 (or ``LLM(speculative_config={...})``). Only the keys below are accepted; anything
 else is rejected with a message that names the key, before any model is loaded.
+
+``LongSpecConfig`` is what the user asked for. At start-up
+(``patches/engine_args.py``) it is completed from the draft checkpoint
+(``LongSpecConfig.resolve``: every default applied there, once) and travels, as
+``LongSpecSettings``, to every vLLM process inside the draft's hf_config; the
+draft model, the proposer and request validation read it back with
+``LongSpecSettings.of(hf_config)``, the one reader.
 """
 
 from __future__ import annotations
@@ -10,16 +17,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
+from vllm_longspec.tree.limits import MAX_NUM_SPECULATIVE_TOKENS, MAX_TREE_NODES
+
+__all__ = ["MAX_NUM_SPECULATIVE_TOKENS", "MAX_TREE_NODES"]  # bounds of the keys below
+
 METHOD_NAME = "longspec"
 
 # Defaults of the method (paper and reference code).
 DEFAULT_SLIDING_WINDOW = 512
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
-MAX_NUM_SPECULATIVE_TOKENS = 16
-# A tree's nodes and its root are verified in one target forward of at most
-# kernels.checks.MAX_SPEC_TOKENS = 128 tokens per request (the hybrid tree
-# attention's mask width; tests/unit/test_config.py ties the two).
-MAX_TREE_NODES = 127
 # `"tree": true`: the shape measured best on the development machine (2-core
 # CPU, shipped draft, 4k-7k prompts; docs/tree-speculation.md, "Measured").
 DEFAULT_TREE = (2, 2, 2)
@@ -160,13 +166,48 @@ class LongSpecConfig:
         """Tokens drafted per step: the tree's nodes or the chain's length."""
         return sum(self.tree) if self.tree is not None else self.num_speculative_tokens
 
+    def resolve(self, draft_sliding_window: int,
+                draft_num_speculative_tokens: int | None) -> LongSpecConfig:
+        """Every ``None`` filled: the draft checkpoint's window and recommended K
+        (``DraftCheckpoint``), else the method's default K. A tree's K is its
+        number of nodes."""
+        return dataclasses.replace(
+            self,
+            num_speculative_tokens=(self.num_draft_tokens or draft_num_speculative_tokens
+                                    or DEFAULT_NUM_SPECULATIVE_TOKENS),
+            sliding_window=self.sliding_window or draft_sliding_window,
+        )
 
-def trained_noise_shift(longspec: dict[str, Any]) -> tuple[int, int]:
-    """[low, high] noise shifts of a draft's training, from its config.json
-    ``longspec`` section (``DEFAULT_TRAINED_NOISE_SHIFT`` when not recorded)."""
-    trained = longspec.get("trained") or {}
-    low, high = trained.get("noise_shift") or DEFAULT_TRAINED_NOISE_SHIFT
-    return int(low), int(high)
+
+@dataclasses.dataclass(frozen=True)
+class LongSpecSettings:
+    """What an engine's LongSpec parts read: the resolved ``LongSpecConfig`` and
+    the one fact of the draft checkpoint the draft model needs before loading.
+
+    It rides in the draft's hf_config (vLLM ships that to every process) as a
+    plain dict under ``HF_ATTRIBUTE``, so the hf_config stays JSON-serialisable;
+    ``store`` writes it at start-up, ``of`` reads it back.
+    """
+
+    config: LongSpecConfig  # resolved: no None but ``tree`` (a chain)
+    draft_vocab_size: int  # 0: the draft proposes over the target's whole vocabulary
+
+    HF_ATTRIBUTE = "longspec_settings"
+
+    def store(self, hf_config) -> None:
+        setattr(hf_config, self.HF_ATTRIBUTE, dataclasses.asdict(self))
+
+    @classmethod
+    def of(cls, hf_config) -> LongSpecSettings | None:
+        """The settings ``store`` wrote into ``hf_config``; None if it holds none
+        (not a LongSpec draft)."""
+        stored = getattr(hf_config, cls.HF_ATTRIBUTE, None)
+        if stored is None:
+            return None
+        config = dict(stored["config"])
+        if config["tree"] is not None:
+            config["tree"] = tuple(config["tree"])
+        return cls(LongSpecConfig(**config), int(stored["draft_vocab_size"]))
 
 
 def check_tree_depth(tree: tuple[int, ...] | None, noise_shift: tuple[int, int]) -> None:

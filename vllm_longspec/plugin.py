@@ -11,7 +11,6 @@ import os
 # The one place the supported vLLM version is pinned.
 SUPPORTED_VLLM = "0.32"
 VERSION_OVERRIDE_ENV = "VLLM_LONGSPEC_ALLOW_ANY_VLLM"
-HYBRID_ATTENTION_ENV = "VLLM_LONGSPEC_HYBRID_ATTENTION"
 
 _registered = False
 
@@ -41,7 +40,7 @@ def register() -> None:
 
     from vllm_longspec import patches
     from vllm_longspec.model.checkpoint import DRAFT_ARCHITECTURES
-    from vllm_longspec.profiling import install_from_env as install_step_timer_from_env
+    from vllm_longspec.patches import attention_backend, testing
 
     check_vllm_version(vllm.__version__)
     # Our own name and the published checkpoints' (LlamaGlideDecoderLayer, ...):
@@ -53,16 +52,13 @@ def register() -> None:
                 name, "vllm_longspec.model.draft:LongSpecForCausalLM"
             )
     patches.apply_all()
-    install_step_timer_from_env()
-    if os.environ.get(HYBRID_ATTENTION_ENV) == "1":
-        # Registers the hybrid backend in this process; a tree config turns it on
-        # by itself (patches/engine_args.enable_tree_attention). Alone it changes
-        # nothing for chains: rows without a tree keep vLLM's kernel unless
-        # VLLM_LONGSPEC_HYBRID_CHAINS=1 too (attention/spec_trees.py). Chains stay
-        # on vLLM's kernel by default: the hybrid path is faster on the attention
-        # alone at 5 tokens, but measured within noise end to end
-        # (docs/hybrid-attention.md, "Measured").
-        from vllm_longspec.attention.backend import register_attention_backend
-
-        register_attention_backend(force=True)
+    if attention_backend.requested_by_user():
+        # Alone it changes nothing for chains: rows without a tree keep vLLM's
+        # kernel unless VLLM_LONGSPEC_HYBRID_CHAINS=1 too
+        # (attention/tree_rows.py), measured within noise end to end
+        # (docs/hybrid-attention.md, "Measured"). Tree mode registers the
+        # backend by itself (patches/model_runner.py).
+        attention_backend.register()
+    if testing.requested():
+        testing.apply()
     _registered = True

@@ -17,11 +17,7 @@ import pytest
 import torch
 from hybrid_cases import PagedCase, assert_close, nan_like, query_start_loc
 
-from vllm_longspec.attention.spec_trees import (
-    HYBRID_CHAINS_ENV,
-    SpecTreeBatch,
-    spec_trees,
-)
+from vllm_longspec.attention.tree_rows import rows_to_verify
 from vllm_longspec.tree.mask import ancestor_mask
 
 pytest.importorskip("vllm")
@@ -85,8 +81,18 @@ class Batch:
         return cls(self.num_heads, self.head_size, self.head_size**-0.5,
                    self.num_kv_heads, None, None, "auto")
 
-    def run(self, builder_cls, impl_cls, monkeypatch):
-        metadata = self.builder(builder_cls).build(0, self.common_metadata())
+    def metadata(self, builder_cls, masks=None):
+        """vLLM's build; with ``masks`` (row -> ancestor mask) the plan the
+        runner patch adds for them (``patches/attention_metadata.py``)."""
+        builder = self.builder(builder_cls)
+        metadata = builder.build(0, self.common_metadata())
+        if masks is not None:
+            plan = builder.plan(masks, self.qsl.tolist(), metadata)
+            metadata = builder.with_plan(metadata, plan)
+        return metadata
+
+    def run(self, builder_cls, impl_cls, monkeypatch, masks=None):
+        metadata = self.metadata(builder_cls, masks)
         layer = types.SimpleNamespace(isa=self.isa, _k_scale_float=1.0, _v_scale_float=1.0)
         output = nan_like(self.query)
         self.impl(impl_cls, monkeypatch).forward(
@@ -117,7 +123,7 @@ def _classes():
         CPUAttentionMetadataBuilder,
     )
 
-    from vllm_longspec.attention.backend import (
+    from vllm_longspec.attention.cpu_backend import (
         HybridCPUAttentionImpl,
         HybridCPUAttentionMetadataBuilder,
     )
@@ -133,13 +139,13 @@ def test_chain_verification_matches_stock_backend(monkeypatch, dtype, num_heads,
     batch = Batch(dtype, num_heads, num_kv_heads, head_size, seed=num_heads)
     stock, hybrid = _classes()
     expected, _ = batch.run(*stock, monkeypatch)
-    # No tree set: the stock implementation, bit for bit.
+    # No plan: the stock implementation, bit for bit.
     got, metadata = batch.run(*hybrid, monkeypatch)
-    assert metadata.hybrid_plan is None
+    assert getattr(metadata, "hybrid_plan", None) is None
     assert torch.equal(got, expected)
     # Every short multi-token row through prefix + causal part + merge.
-    monkeypatch.setenv(HYBRID_CHAINS_ENV, "1")
-    got, metadata = batch.run(*hybrid, monkeypatch)
+    chains = rows_to_verify({}, QUERY_LENS, chains=True)
+    got, metadata = batch.run(*hybrid, monkeypatch, masks=chains)
     assert metadata.hybrid_plan.tree.rows == [2, 3, 4]
     assert_close(got, expected, dtype)
 
@@ -152,9 +158,9 @@ def test_tree_rows_follow_their_masks(monkeypatch, dtype):
     rng = random.Random(5)
     parents = {row: [-1] + [rng.randrange(i) for i in range(1, min(QUERY_LENS[row] + 2, 128))]
                for row in (2, 3, 4)}  # one spare draft: the scheduler may send fewer
-    with spec_trees(SpecTreeBatch.from_request_ids(
-            ["a", "b", "c", "d", "e"], {"abcde"[r]: p for r, p in parents.items()})):
-        got, metadata = batch.run(*hybrid, monkeypatch)
+    masks = rows_to_verify({row: ancestor_mask(p) for row, p in parents.items()},
+                           QUERY_LENS, chains=False)
+    got, metadata = batch.run(*hybrid, monkeypatch, masks=masks)
     assert metadata.hybrid_plan.stock is not None
     for row in (0, 1):  # prefill and plain decode: vLLM's kernel
         span = slice(int(batch.qsl[row]), int(batch.qsl[row + 1]))
@@ -165,60 +171,62 @@ def test_tree_rows_follow_their_masks(monkeypatch, dtype):
         assert_close(got[span], batch.dense_tree_attention(row, mask), dtype)
 
 
-def test_plan_is_reused_across_kv_cache_groups_with_their_block_tables(monkeypatch):
-    """One step builds metadata once per KV-cache group (per target layer next to
-    a draft): the rows are planned once, the block tables are each group's."""
+def test_one_plan_per_step_serves_every_kv_cache_group(monkeypatch):
+    """With a draft next to the target every target layer has its own KV-cache
+    group (own block table): the rows are planned once per step, each group's
+    metadata gets its own block-table rows, the draft's group is left alone."""
     import dataclasses
 
+    from vllm_longspec.patches.attention_metadata import add_hybrid_plans
+
     _, (builder_cls, _) = _classes()
-    monkeypatch.setenv(HYBRID_CHAINS_ENV, "1")
     batch = Batch(torch.float32, 4, 2, 64, seed=8)
     builder = batch.builder(builder_cls)
     common = batch.common_metadata()
-    first = builder.build(0, common).hybrid_plan
     other_blocks = batch.case.block_table.flip(1).contiguous()  # another group's
-    second = builder.build(0, dataclasses.replace(
-        common, block_table_tensor=other_blocks)).hybrid_plan
+    metadata = {"layers.0": builder.build(0, common),
+                "layers.1": builder.build(0, dataclasses.replace(
+                    common, block_table_tensor=other_blocks)),
+                "draft.layers.2": builder.build(0, common)}
+    draft_metadata = metadata["draft.layers.2"]
+    groups = [types.SimpleNamespace(layer_names=[name], get_metadata_builder=lambda: builder)
+              for name in ("layers.0", "layers.1")]
+    masks = {3: ancestor_mask([-1] + list(range(QUERY_LENS[3] - 1)))}
+    add_hybrid_plans(metadata, groups, batch.qsl.tolist(), masks, chains=True)
+    first, second = metadata["layers.0"].hybrid_plan, metadata["layers.1"].hybrid_plan
+    assert first.tree.rows == [2, 3, 4]  # the tree row and the chain rows
     assert second.tree.token_index is first.tree.token_index  # planned once
+    assert torch.equal(first.tree.block_table, batch.case.block_table[first.tree.rows])
     assert torch.equal(second.tree.block_table, other_blocks[second.tree.rows])
     assert torch.equal(second.stock.block_table, other_blocks[second.stock.rows])
-    assert torch.equal(first.tree.block_table, batch.case.block_table[first.tree.rows])
-    # the next step (one more token each) is planned again
-    third = builder.build(0, dataclasses.replace(
-        common, seq_lens=common.seq_lens + 1, max_seq_len=common.max_seq_len + 1)).hybrid_plan
-    assert third.tree.token_index is not first.tree.token_index
-    assert torch.equal(third.tree.prefix_lens, first.tree.prefix_lens + 1)
+    assert metadata["draft.layers.2"] is draft_metadata
 
 
-def test_tree_smaller_than_query_is_an_error(monkeypatch):
-    batch = Batch(torch.float32, 4, 2, 64, seed=6)
-    _, hybrid = _classes()
-    with spec_trees(SpecTreeBatch({3: [-1, 0, 0]})), pytest.raises(ValueError,
-                                                                    match="only 3"):
-        batch.run(*hybrid, monkeypatch)
+def test_the_draft_group_is_not_a_target_group():
+    from vllm_longspec.patches.attention_metadata import target_attn_groups
+
+    runner = types.SimpleNamespace(attn_groups=[["g0"], ["g1a", "g1b"], ["g2"]])
+    proposer = types.SimpleNamespace(kv_cache_gid=1)
+    assert target_attn_groups(runner, proposer) == ["g0", "g2"]
 
 
-def test_trees_apply_to_their_layers_only(monkeypatch):
-    """The target's trees do not reach a draft layer's builder (same backend)."""
-    batch = Batch(torch.float32, 4, 2, 64, seed=7)
-    _, hybrid = _classes()
-    draft_only = frozenset({"draft_model.layers.30.self_attn.attn"})
-    with spec_trees(SpecTreeBatch({3: [-1, 0, 0]}, layer_names=draft_only)):
-        _, metadata = batch.run(*hybrid, monkeypatch)
-    assert metadata.hybrid_plan is None
+def test_tree_smaller_than_query_is_an_error():
+    with pytest.raises(ValueError, match="only 3"):
+        rows_to_verify({3: ancestor_mask([-1, 0, 0])}, QUERY_LENS, chains=False)
 
 
 def test_registration_is_opt_in(monkeypatch):
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    from vllm_longspec.attention.backend import ENABLE_ENV, register_attention_backend
+    from vllm_longspec.patches import attention_backend
 
-    monkeypatch.delenv(ENABLE_ENV, raising=False)
+    monkeypatch.delenv(attention_backend.ENABLE_ENV, raising=False)
+    assert not attention_backend.requested_by_user()
+    monkeypatch.setenv(attention_backend.ENABLE_ENV, "1")
+    assert attention_backend.requested_by_user()
     was_overridden = AttentionBackendEnum.CPU_ATTN.is_overridden()
-    assert register_attention_backend() is False
-    monkeypatch.setenv(ENABLE_ENV, "1")
     try:
-        assert register_attention_backend() is True
+        attention_backend.register()
         backend = AttentionBackendEnum.CPU_ATTN.get_class()
         assert backend.__name__ == "HybridCPUAttentionBackend"
         assert backend.get_name() == "CPU_ATTN"

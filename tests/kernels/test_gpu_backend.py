@@ -24,12 +24,12 @@ from hybrid_cases import (
     random_parents,
 )
 
-from vllm_longspec.attention.spec_trees import SpecTreeBatch, spec_trees
+from vllm_longspec.attention.tree_rows import TreeRows, rows_to_verify
 from vllm_longspec.reference import hybrid_attention as reference
 from vllm_longspec.tree.mask import ancestor_mask
 
 pytest.importorskip("vllm")
-gpu_backend = pytest.importorskip("vllm_longspec.attention.gpu_backend")
+gpu_backend = pytest.importorskip("vllm_longspec.attention.flash_backend")
 
 BLOCK_SIZE = 16
 # rows 0 and 2 carry trees; 1 and 3 are plain decodes (vLLM's kernel)
@@ -76,6 +76,11 @@ class Case:
         return dense_hybrid_reference(self.paged, self.qsl, self.query, self.key,
                                       self.value, visible, self.scale)
 
+    def tree_masks(self):
+        """Row -> ancestor mask of the tree rows, as the runner patch hands them."""
+        return rows_to_verify({r: ancestor_mask(p) for r, p in self.parents.items()},
+                              QUERY_LENS, chains=False)
+
     def tree_token_index(self):
         return torch.cat([torch.arange(int(self.qsl[r]), int(self.qsl[r + 1]))
                           for r in TREE_ROWS])
@@ -112,9 +117,12 @@ def test_impl_verifies_tree_rows_with_the_triton_prefix(triton_ops, monkeypatch,
     builder_cls = gpu_backend.HybridFlashAttentionMetadataBuilder
     builder = builder_cls.__new__(builder_cls)
     builder.layer_names = LAYERS
-    with spec_trees(SpecTreeBatch(case.parents, layer_names=frozenset(LAYERS))):
-        metadata = builder.build(0, case.common_metadata())
+    metadata = builder.build(0, case.common_metadata())
+    plan = builder.plan(case.tree_masks(), case.qsl.tolist(), metadata)
+    metadata = builder.with_plan(metadata, plan)
     assert metadata.tree_rows.rows == list(TREE_ROWS)
+    assert torch.equal(metadata.tree_rows.block_table,
+                       case.paged.block_table[list(TREE_ROWS)])
     assert metadata.tree_rows.prefix_lens.tolist() == [PREFIX_LENS[r] for r in TREE_ROWS]
     impl = gpu_backend.HybridFlashAttentionImpl(heads, head_size, case.scale, kv_heads,
                                                 None, None, "auto")
@@ -129,7 +137,7 @@ def test_impl_verifies_tree_rows_with_the_triton_prefix(triton_ops, monkeypatch,
     assert_close(output[rows], case.expected_tree_rows()[rows], dtype)
 
 
-def test_builder_without_trees_adds_nothing(monkeypatch):
+def test_builder_without_rows_to_verify_adds_nothing(monkeypatch):
     from vllm.v1.attention.backends import flash_attn
 
     monkeypatch.setattr(flash_attn.FlashAttentionMetadataBuilder, "build",
@@ -138,10 +146,9 @@ def test_builder_without_trees_adds_nothing(monkeypatch):
     builder_cls = gpu_backend.HybridFlashAttentionMetadataBuilder
     builder = builder_cls.__new__(builder_cls)
     builder.layer_names = LAYERS
-    assert builder.build(0, case.common_metadata()).tree_rows is None
-    draft_only = frozenset({"draft_model.layers.30.self_attn.attn"})
-    with spec_trees(SpecTreeBatch(case.parents, layer_names=draft_only)):
-        assert builder.build(0, case.common_metadata()).tree_rows is None
+    metadata = builder.build(0, case.common_metadata())
+    assert builder.plan({}, case.qsl.tolist(), metadata) is None
+    assert builder.with_plan(metadata, None) is metadata
 
 
 def _fake_flash_prefix(query, k, v, block_table, prefix_lens, cu_seqlens_q, scale):
@@ -157,12 +164,9 @@ def test_flash_attention_prefix_adapters(triton_ops, monkeypatch, source):
     from vllm.v1.attention.backends import fa_utils
 
     case = Case(torch.float16, 6, 2, 64, seed=5, chain=False)
-    with spec_trees(SpecTreeBatch(case.parents, layer_names=frozenset(LAYERS))):
-        from vllm_longspec.attention.tree_rows import TreeRows, find_tree_masks
-
-        masks = find_tree_masks(LAYERS, QUERY_LENS)
-    plan = TreeRows.build(masks, case.qsl.tolist(), case.seq_lens.to(torch.int32),
-                          case.paged.block_table, int(case.seq_lens.max()))
+    plan = TreeRows.build(case.tree_masks(), case.qsl.tolist(),
+                          case.seq_lens.to(torch.int32), int(case.seq_lens.max())
+                          ).with_block_table(case.paged.block_table)
     calls = []
 
     def package_varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -224,11 +228,8 @@ def test_gpu_registration_needs_the_gpu_switch(monkeypatch):
     from vllm.platforms import current_platform
     from vllm.v1.attention.backends import registry
 
-    from vllm_longspec.attention.backend import (
-        GPU_BACKEND_CLASS_PATH,
-        register_attention_backend,
-    )
     from vllm_longspec.kernels.tuning import GPU_ENV
+    from vllm_longspec.patches.attention_backend import FLASH_BACKEND, register
 
     registered = []
     monkeypatch.setattr(registry, "register_backend",
@@ -236,11 +237,11 @@ def test_gpu_registration_needs_the_gpu_switch(monkeypatch):
     monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
     monkeypatch.delenv(GPU_ENV, raising=False)
     with pytest.raises(RuntimeError, match=GPU_ENV):
-        register_attention_backend(force=True)
+        register()
     monkeypatch.setenv(GPU_ENV, "1")
-    assert register_attention_backend(force=True) is True
-    assert registered == [("FLASH_ATTN", GPU_BACKEND_CLASS_PATH)]
-    module, name = GPU_BACKEND_CLASS_PATH.rsplit(".", 1)
+    register()
+    assert registered == [("FLASH_ATTN", FLASH_BACKEND)]
+    module, name = FLASH_BACKEND.rsplit(".", 1)
     assert getattr(importlib.import_module(module), name) is gpu_backend.HybridFlashAttentionBackend
 
 

@@ -8,7 +8,6 @@ import random
 import pytest
 import torch
 
-from vllm_longspec.attention.spec_trees import SpecTreeBatch
 from vllm_longspec.tree import DraftTree, RaggedTrees
 from vllm_longspec.tree.mask import ancestor_mask, unpack_ancestor_bits
 
@@ -65,12 +64,12 @@ def test_chain():
     assert tree.positions(torch.tensor([100])).tolist() == [[101, 102, 103, 104]]
 
 
-def test_query_parents_feed_the_attention_hand_over():
+def test_query_parents_give_the_nodes_ancestor_masks():
     tree = random_tree(3, batch=2, nodes=6)
-    batch = SpecTreeBatch.from_request_ids(
-        ["a", "b"], dict(zip(["a", "b"], tree.query_parents(), strict=True)))
-    for row in range(2):
-        assert torch.equal(batch.mask(row, 7)[1:, 1:], tree.ancestor_mask[row])
+    for row, parents in enumerate(tree.query_parents()):
+        mask = ancestor_mask(parents)  # [root, nodes...], as the target verifies them
+        assert mask[:, 0].all() and not mask[0, 1:].any()
+        assert torch.equal(mask[1:, 1:], tree.ancestor_mask[row])
 
 
 def test_ragged_trees():

@@ -35,6 +35,7 @@ def family_target(request, tmp_path_factory):
 
 
 def test_published_draft_becomes_a_longspec_draft(family_target, tmp_path):
+    from vllm_longspec.config import LongSpecSettings
     from vllm_longspec.patches.model_runner import is_longspec_speculation
 
     family, target = family_target
@@ -44,9 +45,9 @@ def test_published_draft_becomes_a_longspec_draft(family_target, tmp_path):
     assert spec.method == "draft_model"
     assert spec.num_speculative_tokens == 4
     assert spec.draft_model_config.architectures == ["LongSpecForCausalLM"]
-    settings = spec.draft_model_config.hf_config.longspec
-    assert settings["sliding_window"] == 512 and settings["tree"] is None
-    assert not settings.get("draft_vocab_size")
+    settings = LongSpecSettings.of(spec.draft_model_config.hf_config)
+    assert settings.config.sliding_window == 512 and settings.config.tree is None
+    assert settings.draft_vocab_size == 0
     assert is_longspec_speculation(config)
     # Nothing was written into the user's directory.
     assert json.loads((draft / "config.json").read_text())["architectures"] == [

@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from vllm_longspec.config import LongSpecSettings
 from vllm_longspec.model.checkpoint import random_draft_state, save_draft
 
 
@@ -38,25 +39,43 @@ def test_valid_config_becomes_a_longspec_draft_model(target_dir, random_draft_di
     assert spec.method == "draft_model"
     assert spec.num_speculative_tokens == 4
     assert spec.draft_model_config.architectures == ["LongSpecForCausalLM"]
-    assert spec.draft_model_config.hf_config.longspec["sliding_window"] == 64
+    settings = LongSpecSettings.of(spec.draft_model_config.hf_config)
+    assert settings.config.sliding_window == 64
+    assert settings.config.num_speculative_tokens == 4  # resolved: the default
+    assert settings.draft_vocab_size == 0
 
 
-def test_tree_reserves_its_nodes_and_switches_tree_attention_on(
-        target_dir, random_draft_dir, monkeypatch):
-    from vllm_longspec.attention import backend
-
-    registered = []
-    monkeypatch.setattr(backend, "register_attention_backend",
-                        lambda force=False: registered.append(force))
-    monkeypatch.setenv(backend.ENABLE_ENV, "0")  # restored after the test
+def test_tree_reserves_its_nodes_and_writes_no_environment(target_dir, random_draft_dir):
+    before = dict(os.environ)
     config = _engine_config(target_dir, {"method": "longspec",
                                          "model": str(random_draft_dir),
                                          "tree": [4, 4, 4]})
+    assert dict(os.environ) == before
     spec = config.speculative_config
     assert spec.num_speculative_tokens == 12
-    assert spec.draft_model_config.hf_config.longspec["tree"] == [4, 4, 4]
-    assert registered == [True]
-    assert os.environ[backend.ENABLE_ENV] == "1"  # for the engine's processes
+    settings = LongSpecSettings.of(spec.draft_model_config.hf_config)
+    assert settings.config.tree == (4, 4, 4)
+    assert settings.config.sliding_window == 512  # the draft's (config.json)
+    # the stored form survives vLLM's JSON view of the config
+    assert json.loads(spec.draft_model_config.hf_config.to_json_string())[
+        LongSpecSettings.HF_ATTRIBUTE]["config"]["tree"] == [4, 4, 4]
+
+
+def test_longspec_makes_vllm_choose_the_v1_runner(target_dir, random_draft_dir,
+                                                  monkeypatch):
+    from vllm_longspec.patches.engine_args import UnsupportedConfigurationError
+    from vllm_longspec.patches.v2_runner import V2_UNSUPPORTED
+
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    spec = {"method": "longspec", "model": str(random_draft_dir)}
+    config = _engine_config(target_dir, spec)
+    assert V2_UNSUPPORTED in config._get_v2_model_runner_unsupported_features()
+    ngram = _engine_config(target_dir, {"method": "ngram", "num_speculative_tokens": 2,
+                                        "prompt_lookup_max": 3})
+    assert V2_UNSUPPORTED not in ngram._get_v2_model_runner_unsupported_features()
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    with pytest.raises(UnsupportedConfigurationError, match="VLLM_USE_V2_MODEL_RUNNER"):
+        _engine_config(target_dir, spec)
 
 
 def test_tree_on_a_gpu_is_refused(monkeypatch):
@@ -67,14 +86,14 @@ def test_tree_on_a_gpu_is_refused(monkeypatch):
     from vllm_longspec.kernels.tuning import GPU_ENV
     from vllm_longspec.patches.engine_args import (
         UnsupportedConfigurationError,
-        enable_tree_attention,
+        check_tree_platform,
     )
 
     monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
     for switch in ("0", "1"):
         monkeypatch.setenv(GPU_ENV, switch)
         with pytest.raises(UnsupportedConfigurationError, match="needs vLLM's CPU backend"):
-            enable_tree_attention()
+            check_tree_platform()
 
 
 def test_without_longspec_vllm_is_unchanged(target_dir):

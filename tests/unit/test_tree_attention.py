@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_longspec.model.tree_attention import DraftWindow, TreeSelfAttention
+from vllm_longspec.model.level_attention import DraftWindow, LevelSelfAttention
 from vllm_longspec.tree import DraftTree
 
 KV_HEADS, GROUP, HEAD = 3, 3, 64
@@ -51,7 +51,7 @@ def test_levels_see_their_window_ancestors_and_themselves(window):
     roots = torch.tensor(lengths) - 1  # the root is the last committed token
     scale = HEAD**-0.5
     drafted = DraftWindow.gather(kv_cache, block_table, roots, window, "vec")
-    attention = TreeSelfAttention(drafted, roots, window, scale)
+    attention = LevelSelfAttention(drafted, roots, window, scale)
 
     # Two levels of a batch of trees: widths 2 then 3.
     tree = DraftTree.from_parents(torch.zeros(2, 5, dtype=torch.long),
@@ -83,7 +83,7 @@ def test_levels_see_their_window_ancestors_and_themselves(window):
 def test_a_level_needs_its_visibility_first():
     window = DraftWindow(torch.zeros(1, 4, KV_HEADS, HEAD), torch.zeros(1, 4, KV_HEADS, HEAD),
                          torch.arange(4).unsqueeze(0))
-    attention = TreeSelfAttention(window, torch.tensor([3]), 4, 1.0)
+    attention = LevelSelfAttention(window, torch.tensor([3]), 4, 1.0)
     with pytest.raises(RuntimeError, match="next_level"):
         attention(torch.zeros(1, 9 * HEAD), torch.zeros(1, 3 * HEAD),
                   torch.zeros(1, 3 * HEAD))

@@ -8,20 +8,25 @@ draft on a visibility it never saw. Start-up refuses it with the fix named.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from vllm_longspec.config import (
     DEFAULT_TRAINED_NOISE_SHIFT,
     LongSpecConfigError,
     check_tree_depth,
-    trained_noise_shift,
 )
+from vllm_longspec.model.checkpoint import DraftCheckpoint
 
 
 def test_trained_noise_shift_is_read_from_the_summary_or_defaults():
-    assert trained_noise_shift({}) == DEFAULT_TRAINED_NOISE_SHIFT == (1, 4)
-    assert trained_noise_shift({"trained": {"steps": 3}}) == (1, 4)
-    assert trained_noise_shift({"trained": {"noise_shift": [1, 6]}}) == (1, 6)
+    def shifts(longspec):
+        return DraftCheckpoint(Path("."), {"longspec": longspec}, {}).trained_noise_shift
+
+    assert shifts({}) == DEFAULT_TRAINED_NOISE_SHIFT == (1, 4)
+    assert shifts({"trained": {"steps": 3}}) == (1, 4)
+    assert shifts({"trained": {"noise_shift": [1, 6]}}) == (1, 6)
 
 
 @pytest.mark.parametrize("tree,shifts", [
@@ -55,17 +60,7 @@ def _engine_config(target_dir, speculative_config):
                       speculative_config=speculative_config).create_engine_config()
 
 
-@pytest.fixture
-def no_backend_switch(monkeypatch):
-    """Tree configs register the hybrid backend; keep this process unchanged."""
-    from vllm_longspec.attention import backend
-
-    monkeypatch.setattr(backend, "register_attention_backend", lambda force=False: None)
-    monkeypatch.setenv(backend.ENABLE_ENV, "0")
-
-
-def test_start_up_reads_the_drafts_trained_shifts(tmp_path, target_dir, target_config,
-                                                 no_backend_switch):
+def test_start_up_reads_the_drafts_trained_shifts(tmp_path, target_dir, target_config):
     from vllm_longspec.model.checkpoint import random_draft_state, save_draft
 
     draft = save_draft(tmp_path, random_draft_state(target_config), target_config,
@@ -77,8 +72,7 @@ def test_start_up_reads_the_drafts_trained_shifts(tmp_path, target_dir, target_c
         _engine_config(target_dir, {**spec, "tree": [2, 2, 2, 2]})
 
 
-def test_drafts_without_a_summary_get_the_reference_range(target_dir, random_draft_dir,
-                                                          no_backend_switch):
+def test_drafts_without_a_summary_get_the_reference_range(target_dir, random_draft_dir):
     spec = {"method": "longspec", "model": str(random_draft_dir)}
     config = _engine_config(target_dir, {**spec, "tree": [4, 4, 4, 4]})
     assert config.speculative_config.num_speculative_tokens == 16

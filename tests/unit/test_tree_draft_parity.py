@@ -81,6 +81,7 @@ def vllm_draft(tmp_path_factory):
     )
     from vllm.model_executor.model_loader.utils import process_weights_after_loading
 
+    from vllm_longspec.config import LongSpecConfig, LongSpecSettings
     from vllm_longspec.model.draft import LongSpecForCausalLM
 
     if parallel_state.model_parallel_is_initialized():
@@ -90,7 +91,9 @@ def vllm_draft(tmp_path_factory):
     model_config = ModelConfig(model=str(target_dir), dtype="float32",
                                skip_tokenizer_init=True)
     vllm_config = VllmConfig(model_config=model_config)
-    model_config.hf_config.longspec = {"sliding_window": WINDOW}
+    LongSpecSettings(LongSpecConfig(model=str(target_dir), sliding_window=WINDOW,
+                                    num_speculative_tokens=sum(WIDTHS), tree=WIDTHS),
+                     draft_vocab_size=0).store(model_config.hf_config)
     gen = torch.Generator().manual_seed(7)
     vocab, hidden = TARGET_CONFIG["vocab_size"], TARGET_CONFIG["hidden_size"]
     with set_current_vllm_config(vllm_config):
@@ -209,7 +212,7 @@ def drafted(vllm_draft):
     """One round's trees drafted by TreeDrafter, with the logits of each level."""
     from types import SimpleNamespace
 
-    from vllm_longspec.model.draft import CrossAttentionInputs
+    from vllm_longspec.model.draft_inputs import CrossAttentionInputs
     from vllm_longspec.runner.tree_drafter import TreeDrafter
     from vllm_longspec.testing import DraftRecorder
     from vllm_longspec.tree import BatchSampling

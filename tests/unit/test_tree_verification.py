@@ -172,9 +172,10 @@ def test_rounds_match_scheduled_drafts_with_trees():
                              {"a": 1, "b": 0, "c": 2})
     assert list(step.trees) == [1]
     assert step.trees[1].tokens.tolist() == [3, 4]
-    assert step.attention.parents_by_row == {1: [-1, 0, 0]}
-    assert step.attention.applies_to(["model.layers.0.attn"])
-    assert not step.attention.applies_to(["draft.layers.30.attn"])
+    # query tokens [root, node 0, node 1], both nodes children of the root
+    assert step.ancestor_masks[1].tolist() == [[True, False, False], [True, True, False],
+                                               [True, False, True]]
+    assert rounds.step is step
     assert rounds.end_step() is step and rounds.step is None
     # Trees are verified in the next step or never.
     assert rounds.begin_step({"a": [3, 4]}, {"a": 0}) is None

@@ -39,8 +39,11 @@ PINNED_EXACTLY = [
      ["self", "target_language_model"]),
     ("vllm.v1.spec_decode.draft_model", "DraftModelProposer._maybe_share_lm_head",
      ["self", "target_language_model"]),
-    ("vllm.v1.spec_decode.llm_base_proposer", "SpecDecodeBaseProposer._sample_draft_tokens",
-     ["self", "hidden_states", "sampling_metadata"]),
+    ("vllm.v1.spec_decode.llm_base_proposer", "SpecDecodeBaseProposer._sample_from_logits",
+     ["self", "logits", "sampling_metadata"]),
+    # LongSpec makes vLLM choose the V1 runner (patches/v2_runner.py).
+    ("vllm.config.vllm", "VllmConfig._get_v2_model_runner_unsupported_features",
+     ["self"]),
     # Tree mode (vllm_longspec/runner, patches/prepare_inputs.py,
     # patches/attention_metadata.py, patches/model_runner.py).
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._prepare_inputs",
@@ -54,13 +57,13 @@ PINNED_EXACTLY = [
       "slot_mappings"]),
     ("vllm.v1.sample.rejection_sampler", "RejectionSampler.forward",
      ["self", "metadata", "draft_probs", "logits", "sampling_metadata"]),
-    # Hybrid tree attention backend (vllm_longspec/attention/backend.py).
+    # Hybrid tree attention backend (vllm_longspec/attention/cpu_backend.py).
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder.build",
      ["self", "common_prefix_len", "common_attn_metadata", "fast_build"]),
     ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.forward",
      ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
       "output_scale", "output_block_scale"]),
-    # GPU hybrid backend (vllm_longspec/attention/gpu_backend.py, untested on GPU).
+    # GPU hybrid backend (vllm_longspec/attention/flash_backend.py, untested on GPU).
     ("vllm.v1.attention.backends.flash_attn", "FlashAttentionMetadataBuilder.build",
      ["self", "common_prefix_len", "common_attn_metadata", "fast_build"]),
     ("vllm.v1.attention.backends.flash_attn",
@@ -69,7 +72,7 @@ PINNED_EXACTLY = [
     ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl.forward",
      ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
       "output_scale", "output_block_scale"]),
-    # The step timer (vllm_longspec/profiling.py, VLLM_LONGSPEC_TIME_SPLIT).
+    # The step timer (patches/step_timer.py, VLLM_LONGSPEC_TIME_SPLIT).
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model",
      ["self", "scheduler_output", "intermediate_tensors"]),
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.sample_tokens",
@@ -104,6 +107,7 @@ CALLED_WITH = [
      ["backend", "class_path"]),
     ("vllm.exceptions", "VLLMValidationError.__init__", ["message", "parameter"]),
     ("vllm.triton_utils.dispatcher", "register_kernels", ["overrides"]),
+    ("vllm.v1.worker.utils", "AttentionGroup.get_metadata_builder", ["ubatch_id"]),
     ("vllm.platforms.cpu", "CpuPlatform.register_triton_kernel_overrides", []),
     ("vllm.model_executor.layers.attention", "Attention.__init__",
      ["num_heads", "head_size", "scale", "num_kv_heads", "cache_config",
@@ -183,11 +187,27 @@ SOURCE_FACTS = [
     ("vllm.v1.sample.rejection_sampler", "expand_batch_to_tokens", ["_expand("]),
     ("vllm.platforms.cpu", "CpuPlatform.register_triton_kernel_overrides",
      ['"vllm.v1.sample.rejection_sampler.expand_kernel"']),
-    # Tree mode: the first pass with one draft token samples once, through
-    # _sample_draft_tokens, which the proposer intercepts for the roots.
+    # The proposer's drafting round (model/draft_inputs.py): the first pass's
+    # rows come from set_inputs_first_pass before the model runs, its output at
+    # those rows is what vLLM samples, and with 0 draft steps (tree roots,
+    # adaptive chains) propose returns right after the first pass.
     ("vllm.v1.spec_decode.llm_base_proposer", "SpecDecodeBaseProposer.propose",
-     ["if self.num_speculative_tokens == 1 or self.parallel_drafting:",
-      "self._sample_draft_tokens(\n                sample_hidden_states, sampling_metadata"]),
+     ["self.set_inputs_first_pass(", "ret_hidden_states = self.model(**model_kwargs)",
+      "sample_hidden_states = last_hidden_states[token_indices_to_sample]",
+      "if self.num_speculative_tokens == 0:"]),
+    # V1 unless the features list says otherwise (patches/v2_runner.py).
+    ("vllm.config.vllm", "VllmConfig.use_v2_model_runner.fget",
+     ["envs.VLLM_USE_V2_MODEL_RUNNER", "self._get_v2_model_runner_unsupported_features()"]),
+    # The runner's metadata per attention group, shared by the group's layers
+    # (patches/attention_metadata.py replaces it for the target's groups).
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._build_attention_metadata",
+     ["attn_group = self.attn_groups[kv_cache_gid][attn_gid]",
+      "for layer_name in attn_group.layer_names:"]),
+    # What a hybrid CPU plan depends on besides the batch (plan_key).
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionMetadataBuilder.__init__",
+     ["self.num_kv_heads =", "self.num_heads =", "self.head_dim =", "self.dtype =",
+      "self.window_size =", "self.kv_cache_dtype =", "self.isa =",
+      "self.is_cross_attention =", "self.is_encoder_only_attention ="]),
     # Slot mappings come from the chain positions before _prepare_inputs
     # returns (tree nodes keep distinct slots), the tree positions are read
     # after it, and the rejection sampler is called with vLLM's layout.
@@ -271,7 +291,8 @@ def test_config_fields_we_read_and_write():
 
     assert {"num_actual_tokens", "max_query_len", "query_start_loc", "max_seq_len",
             "seq_lens", "block_table", "slot_mapping", "scheduler_metadata", "causal",
-            "num_decode_tokens"} <= set(CPUAttentionMetadata.__dataclass_fields__)
+            "dynamic_causal", "num_decode_tokens"} <= set(
+        CPUAttentionMetadata.__dataclass_fields__)
     assert AttentionBackendEnum.CPU_ATTN.name == "CPU_ATTN"
     assert AttentionBackendEnum.FLASH_ATTN.name == "FLASH_ATTN"
     assert {"query_start_loc_cpu", "max_seq_len"} <= set(
@@ -280,8 +301,12 @@ def test_config_fields_we_read_and_write():
     from vllm.v1.attention.backend import AttentionCGSupport, AttentionImplBase
     from vllm.v1.attention.backends.flash_attn import FlashAttentionMetadata
 
-    assert {"causal", "query_start_loc", "seq_lens", "block_table"} <= set(
+    assert {"causal", "query_start_loc", "seq_lens", "block_table", "max_seq_len"} <= set(
         FlashAttentionMetadata.__dataclass_fields__)
+
+    from vllm import envs
+
+    assert "VLLM_USE_V2_MODEL_RUNNER" in envs.environment_variables
     assert AttentionCGSupport.NEVER.value == 0
     assert "dcp_world_size" in AttentionImplBase.__annotations__
 

@@ -1,44 +1,63 @@
-"""The rows of a batch that carry speculative trees, as a compact sub-batch.
+"""The rows of a batch that hybrid attention verifies, as a compact sub-batch.
 
-Shared by the CPU and GPU hybrid backends. Their metadata builders call
-``find_tree_masks`` (the ``SpecTreeBatch`` set around the target's metadata
-build, see ``spec_trees``) and, when some rows carry a tree, ``TreeRows.build``:
-token indices, query_start_loc, committed prefix lengths, block-table rows and
-packed ancestor masks of those rows, on the device of the batch's tensors.
+Shared by the CPU and GPU hybrid backends. Once per step,
+``patches/attention_metadata.py`` decides which rows of the target's forward
+are verified with hybrid attention (``rows_to_verify``: the step's tree rows,
+with their ancestor masks) and hands them to each target layer's metadata
+builder, which plans them (``TreeRows.build``: token indices,
+query_start_loc, committed prefix lengths and packed ancestor masks, on the
+device of the batch) and adds each KV-cache group's block-table rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from vllm_longspec.attention.spec_trees import get_spec_trees, tree_rows_of_batch
 from vllm_longspec.tree.limits import MAX_SPEC_TOKENS
-from vllm_longspec.tree.mask import pack_ancestor_bits
+from vllm_longspec.tree.mask import ancestor_mask, chain_parents, pack_ancestor_bits
+
+# Debug/benchmark switch (LongSpec engines whose hybrid backend is registered,
+# i.e. also VLLM_LONGSPEC_HYBRID_ATTENTION=1 for chains): verify every short
+# multi-token row (chains) with the hybrid path even without a tree. Off by
+# default: vLLM's causal kernel is exact for chains, and although the hybrid
+# path is faster on the attention alone in most measured shapes (bf16
+# 1.1-2.7x; fp32 1.2-2.6x at 5 tokens, 0.83-1.04x at 64), chain decoding
+# through it measured within noise end to end (docs/hybrid-attention.md).
+HYBRID_CHAINS_ENV = "VLLM_LONGSPEC_HYBRID_CHAINS"
 
 
-def applicable_tree_batch(layer_names: Sequence[str]):
-    """The ``SpecTreeBatch`` set for this step if it applies to ``layer_names``."""
-    trees = get_spec_trees()
-    return trees if trees is not None and trees.applies_to(layer_names) else None
+def hybrid_chains_enabled() -> bool:
+    return os.environ.get(HYBRID_CHAINS_ENV, "0") == "1"
 
 
-def find_tree_masks(layer_names: Sequence[str], query_lens: Sequence[int],
-                    chains_too: bool = True) -> dict[int, torch.Tensor]:
-    """Row -> [q, q] ancestor mask of every row to verify with hybrid attention.
-
-    The rows of the tree batch set for this step, if it applies to
-    ``layer_names`` (not when these are the draft's layers and the trees the
-    target's). The debug switch ``VLLM_LONGSPEC_HYBRID_CHAINS=1`` adds every
-    other row with 2-128 tokens as a chain; ``chains_too=False`` drops those
-    when no tree batch applies.
-    """
-    trees = applicable_tree_batch(layer_names)
-    if trees is None and not chains_too:
-        return {}
-    return tree_rows_of_batch(trees, query_lens, MAX_SPEC_TOKENS)
+def rows_to_verify(
+    tree_masks: Mapping[int, torch.Tensor],  # row -> [q, q] bool ancestor mask
+    query_lens: Sequence[int],
+    chains: bool,
+) -> dict[int, torch.Tensor]:
+    """Row -> [q, q] mask of every row to verify with hybrid attention: the tree
+    rows, and with ``chains`` every other row of 2..MAX_SPEC_TOKENS tokens as a
+    chain (causal). A tree must cover all of its row's query tokens; a larger
+    one is cut to them (a prefix of a level-ordered tree is a tree)."""
+    rows = {}
+    for row, mask in tree_masks.items():
+        query_len = query_lens[row]
+        if query_len > mask.shape[0]:
+            raise ValueError(
+                f"batch row {row} has {query_len} query tokens but its speculative "
+                f"tree only {mask.shape[0]}: the tree must cover the root and every "
+                "scheduled draft token")
+        if query_len > 0:
+            rows[row] = mask[:query_len, :query_len]
+    if chains:
+        for row, query_len in enumerate(query_lens):
+            if row not in rows and 1 < query_len <= MAX_SPEC_TOKENS:
+                rows[row] = ancestor_mask(chain_parents(query_len))
+    return rows
 
 
 def sub_batch(query_start_loc: Sequence[int], rows: Sequence[int]):
@@ -57,18 +76,19 @@ class TreeRows:
     token_index: torch.Tensor  # [num_tree_tokens] int64, into the batch's tokens
     query_start_loc: torch.Tensor  # [num_tree_rows + 1] int32
     prefix_lens: torch.Tensor  # [num_tree_rows] int32: committed tokens in the cache
-    block_table: torch.Tensor  # [num_tree_rows, max_blocks] int32
+    # [num_tree_rows, max_blocks] int32, the KV-cache group's (empty until
+    # ``with_block_table``: the other fields are the same for every group)
+    block_table: torch.Tensor
     ancestor_bits: torch.Tensor  # [num_tree_tokens, 4] int32
     max_query_len: int  # host-side, so kernels need no device sync
     max_prefix_len: int  # host-side upper bound (the batch's longest sequence)
 
     @classmethod
-    def build(cls, masks: dict[int, torch.Tensor], query_start_loc: Sequence[int],
-              seq_lens: torch.Tensor, block_table: torch.Tensor,
-              max_seq_len: int) -> TreeRows:
-        """``seq_lens``/``block_table``: the batch's, on its device; every other
-        tensor is made there too (host-built ones copied without blocking)."""
-        device = block_table.device
+    def build(cls, masks: Mapping[int, torch.Tensor], query_start_loc: Sequence[int],
+              seq_lens: torch.Tensor, max_seq_len: int) -> TreeRows:
+        """``seq_lens``: the batch's, on its device; every other tensor is made
+        there too (host-built ones copied without blocking)."""
+        device = seq_lens.device
         rows = sorted(masks)
         token_index, qsl = sub_batch(query_start_loc, rows)
         query_lens = qsl[1:] - qsl[:-1]
@@ -81,11 +101,16 @@ class TreeRows:
             query_start_loc=qsl_device,
             prefix_lens=(seq_lens[row_index] - (qsl_device[1:] - qsl_device[:-1]))
             .to(torch.int32),
-            block_table=block_table[row_index].contiguous(),
+            block_table=torch.empty(len(rows), 0, dtype=torch.int32, device=device),
             ancestor_bits=pack_ancestor_bits([masks[r] for r in rows]).to(**to_device),
             max_query_len=int(query_lens.max()),
             max_prefix_len=max_seq_len,
         )
+
+    def with_block_table(self, block_table: torch.Tensor) -> TreeRows:
+        """These rows of a KV-cache group's [num_reqs, max_blocks] block table."""
+        rows = torch.tensor(self.rows, device=block_table.device)
+        return dataclasses.replace(self, block_table=block_table[rows].contiguous())
 
 
 def check_impl_supports_trees(impl, key, sliding_window: bool,

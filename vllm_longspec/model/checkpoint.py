@@ -38,7 +38,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vllm_longspec.config import DEFAULT_SLIDING_WINDOW
+from vllm_longspec.config import DEFAULT_SLIDING_WINDOW, DEFAULT_TRAINED_NOISE_SHIFT
 
 ARCHITECTURE = "LongSpecForCausalLM"
 SUPPORTED_TARGET_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
@@ -150,6 +150,15 @@ class DraftCheckpoint:
     @property
     def draft_vocab_size(self) -> int:
         return int(self.longspec.get("draft_vocab_size") or 0)
+
+    @property
+    def trained_noise_shift(self) -> tuple[int, int]:
+        """[low, high] noise shifts of the draft's training
+        (``longspec.trained.noise_shift``; ``DEFAULT_TRAINED_NOISE_SHIFT`` when
+        not recorded: published drafts, random ones)."""
+        trained = self.longspec.get("trained") or {}
+        low, high = trained.get("noise_shift") or DEFAULT_TRAINED_NOISE_SHIFT
+        return int(low), int(high)
 
     @property
     def safetensors_files(self) -> list[Path]:

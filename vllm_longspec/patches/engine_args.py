@@ -7,28 +7,28 @@ Why: ``SpeculativeConfig.method`` is a closed ``Literal`` checked by pydantic
 How: for ``{"method": "longspec", ...}`` validate the LongSpec keys and the draft
     directory against the target (clear errors, before anything loads), then
     let the original build a ``"draft_model"`` config for the same directory and
-    mark its hf_config as a LongSpec draft (architecture, window, tree). Both
+    mark its hf_config as a LongSpec draft: architecture, and the resolved
+    settings (``LongSpecSettings``, read back by the workers). Both
     layouts get here: a published checkpoint's architecture name
     (``LlamaGlideDecoderLayer``, ...) is registered with vLLM as an alias of
     the LongSpec class (``plugin.register``), because vLLM builds the draft's
     model config from config.json, with no overrides a caller can pass. A tree
-    reserves one speculative slot per node and switches the hybrid tree
-    attention backend on. Any other config goes to the original untouched.
+    reserves one speculative slot per node (the runner patch switches the hybrid
+    tree attention backend on in the worker). Nothing is written to the
+    environment. Any other config goes to the original untouched.
 When it can go: when vLLM lets plugins register speculative methods.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 from vllm_longspec.config import (
-    DEFAULT_NUM_SPECULATIVE_TOKENS,
     METHOD_NAME,
     LongSpecConfig,
+    LongSpecSettings,
     check_tree_depth,
-    trained_noise_shift,
 )
 
 _orig_create_speculative_config = None
@@ -64,6 +64,13 @@ def check_engine_supported(engine_args, target_parallel_config) -> None:
             "the draft reads the target's KV cache as stored and needs it "
             "unquantized. Drop --kv-cache-dtype."
         )
+    from vllm import envs
+
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
+        raise UnsupportedConfigurationError(
+            "LongSpec drives vLLM's V1 model runner, but VLLM_USE_V2_MODEL_RUNNER=1 "
+            "asks for V2. Unset it (LongSpec makes vLLM choose V1, "
+            "patches/v2_runner.py).")
 
 
 def build_longspec_speculative_config(
@@ -78,16 +85,19 @@ def build_longspec_speculative_config(
     config = LongSpecConfig.from_user_dict(options)
     draft = read_draft_checkpoint(config.model)
     check_draft_matches_target(draft, target_model_config.hf_text_config)
-    check_tree_depth(config.tree, trained_noise_shift(draft.longspec))
+    check_tree_depth(config.tree, draft.trained_noise_shift)
     check_engine_supported(engine_args, target_parallel_config)
+    if config.tree is not None:
+        check_tree_platform()
+    settings = LongSpecSettings(
+        config.resolve(draft.sliding_window, draft.recommended_num_speculative_tokens),
+        draft.draft_vocab_size)
 
     engine_args.spec_method = engine_args.spec_model = engine_args.spec_tokens = None
     engine_args.speculative_config = {
         "method": "draft_model",
         "model": str(draft.path),
-        "num_speculative_tokens": config.num_draft_tokens
-        or draft.recommended_num_speculative_tokens
-        or DEFAULT_NUM_SPECULATIVE_TOKENS,
+        "num_speculative_tokens": settings.config.num_speculative_tokens,
         "draft_sample_method": config.draft_sample_method,
         # The draft is one small block run eagerly; no graphs to capture.
         "enforce_eager": True,
@@ -97,25 +107,14 @@ def build_longspec_speculative_config(
     )
     hf_config = speculative_config.draft_model_config.hf_config
     hf_config.architectures = [ARCHITECTURE]
-    hf_config.longspec = {
-        **draft.longspec,
-        "sliding_window": config.sliding_window or draft.sliding_window,
-        "tree": list(config.tree) if config.tree is not None else None,
-        "context_lookup": config.context_lookup,
-        "adaptive": config.adaptive,
-    }
+    settings.store(hf_config)
     speculative_config.update_arch_()
-    if config.tree is not None:
-        enable_tree_attention()
-    # LongSpec drives the V1 model runner; on GPUs vLLM would pick V2.
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     return speculative_config
 
 
-def enable_tree_attention() -> None:
-    """Tree verification runs the target's attention through the hybrid tree
-    attention backend: override CPU_ATTN here (an in-process engine) and in
-    every process started from here (the plugin reads the variable)."""
+def check_tree_platform() -> None:
+    """Trees are verified on vLLM's CPU backend only (the hybrid backend itself
+    is registered in the worker, ``patches/model_runner.py``)."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
@@ -124,10 +123,6 @@ def enable_tree_attention() -> None:
             "moves accepted K/V in vLLM's CPU cache layout (a GPU hybrid attention "
             "backend exists, untested, but no GPU tree runner). Leave 'tree' out to "
             "draft chains.")
-    from vllm_longspec.attention.backend import ENABLE_ENV, register_attention_backend
-
-    os.environ[ENABLE_ENV] = "1"
-    register_attention_backend(force=True)
 
 
 def apply() -> None:

@@ -4,15 +4,17 @@ Target: the V1 model runner's constructor (``CPUModelRunner`` inherits it).
 Why: for method "draft_model" the runner builds a plain ``DraftModelProposer``;
     a LongSpec draft needs ``LongSpecProposer`` (shared embedding and LM head,
     cross-attention into the target cache, its own KV cache group). Tree mode
-    also needs tree verification, which vLLM's ``RejectionSampler`` lacks.
+    also needs tree verification, which vLLM's ``RejectionSampler`` lacks, and
+    the hybrid attention backend.
 How: run the original constructor, then, only when the draft is a LongSpec
     draft, replace ``self.drafter``. ``LongSpecProposer`` subclasses
     ``DraftModelProposer``, so every ``isinstance`` dispatch in the runner still
     takes the draft-model branches. Nothing has been loaded at that point. In
-    tree mode, wrap ``self.rejection_sampler`` in ``TreeRejectionSampler``
-    (vLLM's sampler still serves every step without trees) and expose the
-    proposer's ``TreeRounds`` as ``self.longspec_tree_rounds`` for the other
-    runner patches.
+    tree mode, register the hybrid attention backend (before the model is
+    built, in this process) and wrap ``self.rejection_sampler`` in
+    ``TreeRejectionSampler`` (vLLM's sampler still serves every step without
+    trees). The other runner patches reach LongSpec's state through
+    ``self.drafter`` (``longspec_proposer``); nothing else is added to the runner.
 When it can go: when vLLM lets plugins provide a proposer for a draft model.
 """
 
@@ -23,9 +25,12 @@ import functools
 _orig___init__ = None
 
 
-def tree_rounds_of(runner):
-    """The runner's ``TreeRounds`` in LongSpec tree mode, else None."""
-    return getattr(runner, "longspec_tree_rounds", None)
+def longspec_proposer(runner):
+    """The runner's ``LongSpecProposer``, else None (another method, no draft)."""
+    from vllm_longspec.runner.proposer import LongSpecProposer
+
+    drafter = getattr(runner, "drafter", None)
+    return drafter if isinstance(drafter, LongSpecProposer) else None
 
 
 def is_longspec_speculation(vllm_config) -> bool:
@@ -53,9 +58,10 @@ def apply() -> None:
 
             self.drafter = LongSpecProposer(self.vllm_config, self.device, self)
             if self.drafter.tree_rounds is not None:
+                from vllm_longspec.patches import attention_backend
                 from vllm_longspec.runner.tree_sampler import TreeRejectionSampler
 
-                self.longspec_tree_rounds = self.drafter.tree_rounds
+                attention_backend.register()
                 self.rejection_sampler = TreeRejectionSampler(
                     self.rejection_sampler, self, self.drafter.tree_rounds)
 

@@ -6,7 +6,9 @@ Why: in LongSpec tree mode the drafts of a row are tree nodes, which must be
     rotated at root + depth, not at the chain positions vLLM gives them.
 How: refuse new requests with sampling settings tree mode lacks, run the
     original, then let ``TreeRounds.begin_step`` match the scheduled drafts
-    with last step's trees and overwrite the positions of the tree rows' nodes.
+    with last step's trees, making the step's ``TreeStep`` (the one state the
+    rest of the step reads, ``runner/step.py``), and overwrite the positions of
+    the tree rows' nodes.
     Slot mappings were computed from the chain positions before, so the nodes
     keep distinct cache slots. Without tree mode: the original alone.
 When it can go: when vLLM verifies speculative trees itself.
@@ -23,7 +25,7 @@ def apply() -> None:
     global _orig__prepare_inputs
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_longspec.patches.model_runner import tree_rounds_of
+    from vllm_longspec.patches.model_runner import longspec_proposer
 
     if _orig__prepare_inputs is not None:
         return
@@ -31,7 +33,8 @@ def apply() -> None:
 
     @functools.wraps(_orig__prepare_inputs)
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
-        rounds = tree_rounds_of(self)
+        proposer = longspec_proposer(self)
+        rounds = proposer.tree_rounds if proposer is not None else None
         if rounds is None:
             return _orig__prepare_inputs(self, scheduler_output, num_scheduled_tokens)
         from vllm_longspec.runner.layout import place_nodes_at_depths

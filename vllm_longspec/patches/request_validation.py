@@ -21,10 +21,12 @@ _orig__validate_params = None
 
 def drafts_trees(speculative_config) -> bool:
     """Whether an engine with this speculative config drafts LongSpec trees."""
+    from vllm_longspec.config import LongSpecSettings
+
     draft_model_config = getattr(speculative_config, "draft_model_config", None)
     hf_config = getattr(draft_model_config, "hf_config", None)
-    longspec = getattr(hf_config, "longspec", None) or {}
-    return longspec.get("tree") is not None
+    settings = LongSpecSettings.of(hf_config) if hf_config is not None else None
+    return settings is not None and settings.config.tree is not None
 
 
 def apply() -> None:

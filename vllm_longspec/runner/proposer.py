@@ -5,10 +5,10 @@ with its own KV cache) with three LongSpec specifics:
 
 1. The draft shares the target's embedding and LM head (bound after loading).
 2. Its cross-attention reads the target's last-layer KV cache in place: each
-   round the proposer hands the draft the cache views, the target group's
-   block table, and per request the number of verified target positions
-   (``seq_len - num_rejected``). All draft tokens of a round see that same
-   committed prefix (spec section 2).
+   round the proposer hands the draft (``DraftRound``, ``model/draft_inputs.py``)
+   the cache views, the target group's block table, and per request the number
+   of verified target positions (``seq_len - num_rejected``). All draft tokens
+   of a round see that same committed prefix (spec section 2).
 3. Its self-attention layer is a sliding-window layer, so it lives in its own
    KV cache group. vLLM hands a ``DraftModelProposer`` the metadata of group 0
    (a target group); the proposer swaps in its own group's block table before
@@ -34,12 +34,17 @@ position. Hence:
   included, and recomputes the request like a new prefill, which refills the
   window.
 
-Trees (``"tree"`` in the config, ``vllm_longspec.runner``): the first pass
-is the chain's (vLLM's, with one draft token), and the root's logits it ends
-with grow the round's dynamic beam trees, one draft forward per level
-(``TreeDrafter``); tree nodes are never written to the window. After
+Trees (``"tree"`` in the config): the first pass is the chain's (vLLM's,
+with no draft step after it), and the roots' hidden states it leaves in the
+round grow the round's dynamic beam trees, one draft forward per level
+(``TreeDrafter``); tree nodes are never written to the window. The trees go to
+``TreeRounds`` (``runner/step.py``) for the next step's verification. After
 verification the runner's buffers hold the accepted path as if it had been a
 chain (``runner.layout``), so the argument above holds unchanged.
+
+Test-only modes (replayed proposals, recorded draft logits) are not here: they
+wrap ``_adaptive_chains``, ``_propose_chain`` and ``_draft_trees`` from
+``patches/testing.py`` when their variables are set.
 """
 
 from __future__ import annotations
@@ -55,14 +60,14 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
-from vllm_longspec.model.draft import CrossAttentionInputs
+from vllm_longspec.config import LongSpecConfig, LongSpecSettings
+from vllm_longspec.model.draft_inputs import CrossAttentionInputs, DraftRound
 from vllm_longspec.model.paged_attention import split_kv_cache
 from vllm_longspec.runner.adaptive_chains import AdaptiveChains
 from vllm_longspec.runner.sampling import batch_sampling
 from vllm_longspec.runner.step import TreeRounds
 from vllm_longspec.runner.tree_drafter import TreeDrafter
-from vllm_longspec.testing import DraftRecorder, TestProposer
-from vllm_longspec.tree import BatchSampling
+from vllm_longspec.tree import BatchSampling, BeamTree
 
 logger = init_logger(__name__)
 # Temperatures below this are greedy (vLLM's sampler._SAMPLING_EPS).
@@ -79,28 +84,27 @@ class LongSpecProposer(DraftModelProposer):
         self.runner = runner
         self.target_layer_name: str | None = None
         self.target_kv_cache_gid = -1
-        self.test_proposer = TestProposer.from_env()
-        self.recorder = DraftRecorder.from_env()
-        longspec = getattr(self.draft_model_config.hf_config, "longspec", None) or {}
-        self.tree_widths: tuple[int, ...] | None = (
-            tuple(longspec["tree"]) if longspec.get("tree") else None)
+        config = LongSpecSettings.of(self.draft_model_config.hf_config).config
+        self.tree_widths = config.tree
         # Tree mode: the trees between drafting and verification (shared with
-        # the runner's patches and sampler), the drafter of the levels, and the
-        # first pass's hidden states at the roots while it runs.
+        # the runner's patches and sampler, ``runner/step.py``) and the drafter
+        # of the levels (made at load).
         self.tree_rounds = TreeRounds() if self.tree_widths else None
-        # Chains: context lookup and the speculation policy (off for trees and
-        # for the test-only proposer modes, which need every step's drafts).
-        self.adaptive: AdaptiveChains | None = None
-        lookup, adaptive = longspec.get("context_lookup"), longspec.get("adaptive")
-        if (not self.tree_widths and (lookup or adaptive) and self.test_proposer is None
-                and self.recorder is None):
-            self.adaptive = AdaptiveChains(self.num_speculative_tokens,
-                                           lookup=bool(lookup), adaptive=bool(adaptive))
         self.tree_drafter: TreeDrafter | None = None
-        self._root_hidden_states: list[torch.Tensor] | None = None
+        # Chains: context lookup and the speculation policy.
+        self.adaptive = self._adaptive_chains(config)
+
+    def _adaptive_chains(self, config: LongSpecConfig) -> AdaptiveChains | None:
+        """Chains with context lookup and the speculation policy; None: vLLM's
+        chain of K drafts every step (trees; both keys off)."""
+        if self.tree_widths or not (config.context_lookup or config.adaptive):
+            return None
+        return AdaptiveChains(self.num_speculative_tokens, lookup=config.context_lookup,
+                              adaptive=config.adaptive)
 
     # ---- loading -------------------------------------------------------------
 
+    @override
     def load_model(self, target_model: torch.nn.Module) -> None:
         self.target_layer_name = self._last_target_attention_layer()
         super().load_model(target_model)
@@ -129,7 +133,7 @@ class LongSpecProposer(DraftModelProposer):
                 "windowed kernel. Leave 'tree' out to draft chains.")
         if self.runner.uses_mrope:
             raise LongSpecError("LongSpec key 'tree' does not support M-RoPE targets.")
-        from vllm_longspec.attention.backend import HybridCPUAttentionImpl
+        from vllm_longspec.attention.cpu_backend import HybridCPUAttentionImpl
 
         stock = sorted(name for name, layer in layers.items()
                        if isinstance(layer, Attention)
@@ -139,7 +143,7 @@ class LongSpecProposer(DraftModelProposer):
                 f"LongSpec key 'tree' needs the hybrid tree attention backend, but "
                 f"layer {stock[0]!r} uses {type(layers[stock[0]].impl).__name__}"
                 ": the backend override must be registered before the model is built "
-                "(VLLM_LONGSPEC_HYBRID_ATTENTION=1 in every vLLM process).")
+                "(patches/model_runner.py does it in tree mode).")
 
     def _last_target_attention_layer(self) -> str:
         layers = self.vllm_config.compilation_config.static_forward_context
@@ -156,14 +160,17 @@ class LongSpecProposer(DraftModelProposer):
             )
         return name
 
+    @override
     def _maybe_share_embeddings(self, target_language_model: torch.nn.Module) -> None:
         self.model.bind_target(
             target_language_model.model.embed_tokens, target_language_model.lm_head
         )
 
+    @override
     def _maybe_share_lm_head(self, target_language_model: torch.nn.Module) -> None:
         pass  # bound together with the embedding above
 
+    @override
     def initialize_attn_backend(self, kv_cache_config, kernel_block_sizes=None) -> None:
         super().initialize_attn_backend(kv_cache_config, kernel_block_sizes)
         for gid, group in enumerate(kv_cache_config.kv_cache_groups):
@@ -204,6 +211,7 @@ class LongSpecProposer(DraftModelProposer):
             cpu_isa=getattr(target_layer, "isa", None) if on_cpu else None,
         )
 
+    @override
     def propose(
         self,
         num_speculative_tokens,
@@ -217,118 +225,90 @@ class LongSpecProposer(DraftModelProposer):
         mm_embed_inputs=None,
         num_rejected_tokens_gpu=None,
         slot_mappings=None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | list[list[int]]:
         cad = common_attn_metadata
-        inputs = self._cross_attention_inputs(cad, num_rejected_tokens_gpu)
+        cross_attention = self._cross_attention_inputs(cad, num_rejected_tokens_gpu)
         draft_block_table = self.runner.input_batch.block_table[self.kv_cache_gid]
         cad = cad.replace(
             block_table_tensor=draft_block_table.get_device_tensor(
                 cad.block_table_tensor.shape[0]
             )
         )
+        # vLLM's first-pass arguments, after the number of draft steps
+        first_pass = (target_token_ids, target_positions, target_hidden_states,
+                      next_token_ids, token_indices_to_sample, cad)
+        first_pass_kwargs = dict(sampling_metadata=sampling_metadata,
+                                 mm_embed_inputs=mm_embed_inputs,
+                                 num_rejected_tokens_gpu=num_rejected_tokens_gpu,
+                                 slot_mappings=slot_mappings)
         if self.tree_drafter is not None:
             return self._propose_trees(
-                inputs, draft_block_table.get_device_tensor(cad.num_reqs),
-                sampling_metadata, target_token_ids, target_positions,
-                target_hidden_states, next_token_ids, token_indices_to_sample, cad,
-                mm_embed_inputs=mm_embed_inputs,
-                num_rejected_tokens_gpu=num_rejected_tokens_gpu,
-                slot_mappings=slot_mappings,
-            )
+                cross_attention, draft_block_table.get_device_tensor(cad.num_reqs),
+                *first_pass, **first_pass_kwargs)
         if self.adaptive is not None:
-            return self._propose_adaptive(
-                inputs, num_rejected_tokens_gpu, target_token_ids, target_positions,
-                target_hidden_states, next_token_ids, token_indices_to_sample, cad,
-                sampling_metadata, mm_embed_inputs=mm_embed_inputs,
-                num_rejected_tokens_gpu=num_rejected_tokens_gpu,
-                slot_mappings=slot_mappings)
-        self.model.cross_attention_inputs = inputs
-        recording = self.recorder is not None and self.recorder.active
-        captured = self.recorder.capture(self.model) if recording else None
-        try:
-            draft_token_ids = super().propose(
-                num_speculative_tokens,
-                target_token_ids,
-                target_positions,
-                target_hidden_states,
-                next_token_ids,
-                token_indices_to_sample,
-                cad,
-                sampling_metadata,
-                mm_embed_inputs=mm_embed_inputs,
-                num_rejected_tokens_gpu=num_rejected_tokens_gpu,
-                slot_mappings=slot_mappings,
-            )
-        finally:
-            self.model.cross_attention_inputs = None
-            if recording:
-                self.recorder.release(self.model)
-        if recording:
-            self.recorder.save(captured, draft_token_ids, self.runner,
-                               inputs.committed_lens)
-        if self.test_proposer is not None:
-            draft_token_ids = self.test_proposer.override(
-                draft_token_ids, self.runner, inputs.committed_lens, next_token_ids)
-            self._last_draft_probs = None
+            return self._propose_adaptive(cross_attention, num_rejected_tokens_gpu,
+                                          *first_pass, **first_pass_kwargs)
+        return self._propose_chain(cross_attention, num_speculative_tokens,
+                                   *first_pass, **first_pass_kwargs)
+
+    def _draft_with_vllm(self, cross_attention: CrossAttentionInputs, num_steps: int,
+                         *first_pass, **first_pass_kwargs):
+        """vLLM's drafting: the first pass, then ``num_steps - 1`` chain steps
+        (0: the first pass only), with the round open: the one place its
+        hand-over to the draft is set and reset. Returns vLLM's draft tokens
+        [num_reqs, num_steps] and the first pass's output at the sampled rows
+        [num_reqs, hidden_size]."""
+        draft_round = DraftRound(cross_attention)
+        with draft_round.open():
+            draft_token_ids = super().propose(num_steps, *first_pass, **first_pass_kwargs)
+        return draft_token_ids, draft_round.first_pass_output
+
+    def _propose_chain(self, cross_attention: CrossAttentionInputs, num_steps: int,
+                       *first_pass, **first_pass_kwargs) -> torch.Tensor:
+        """[num_reqs, K] vLLM's chain of K drafts."""
+        draft_token_ids, _ = self._draft_with_vllm(cross_attention, num_steps,
+                                                   *first_pass, **first_pass_kwargs)
         return draft_token_ids
 
-    def _propose_adaptive(self, inputs: CrossAttentionInputs, num_rejected_tokens,
-                          *draft_args, **draft_kwargs) -> list[list[int]]:
+    def _propose_adaptive(self, cross_attention: CrossAttentionInputs,
+                          num_rejected_tokens, *first_pass,
+                          **first_pass_kwargs) -> list[list[int]]:
         """Chains with context lookup and the speculation policy
         (``adaptive_chains``): per request K_r tokens, from the lookup or the
         draft; the draft runs ``plan.draft_steps`` steps (0: its first pass
         only, which keeps its window cache in step)."""
-        num_reqs = inputs.committed_lens.shape[0]
+        num_reqs = cross_attention.num_reqs
         decoding = ~self.runner.discard_request_mask.np[:num_reqs].astype(bool)
-        plan = self.adaptive.plan(self.runner.input_batch, num_reqs, draft_args[3],
+        plan = self.adaptive.plan(self.runner.input_batch, num_reqs, first_pass[3],
                                   num_rejected_tokens, decoding)
         started = time.perf_counter()
-        self.model.cross_attention_inputs = inputs
-        try:
-            draft_token_ids = super().propose(plan.draft_steps, *draft_args, **draft_kwargs)
-        finally:
-            self.model.cross_attention_inputs = None
+        draft_token_ids, _ = self._draft_with_vllm(
+            cross_attention, plan.draft_steps, *first_pass, **first_pass_kwargs)
         drafting_ms = (time.perf_counter() - started) * 1e3
         proposals, self._last_draft_probs = self.adaptive.compose(
             plan, draft_token_ids, self._last_draft_probs, drafting_ms)
         return proposals
 
-    def _propose_trees(self, inputs: CrossAttentionInputs, window_block_table,
-                       sampling_metadata, *first_pass_args, **first_pass_kwargs
-                       ) -> torch.Tensor:
+    def _propose_trees(self, cross_attention: CrossAttentionInputs, window_block_table,
+                       *first_pass, **first_pass_kwargs) -> torch.Tensor:
         """[num_reqs, num_nodes] the round's trees, nodes in level order."""
-        self.model.cross_attention_inputs = inputs
-        self._root_hidden_states = []
-        try:
-            # vLLM's first pass with one draft token: its sampling step hands
-            # the roots' hidden states over (``_sample_draft_tokens``).
-            super().propose(1, *first_pass_args, sampling_metadata=sampling_metadata,
-                            **first_pass_kwargs)
-            (root_hidden,) = self._root_hidden_states
-        finally:
-            self.model.cross_attention_inputs = None
-            self._root_hidden_states = None
-        num_reqs = inputs.committed_lens.shape[0]
-        beam = self.tree_drafter.draft(
-            self.model.compute_logits(root_hidden), inputs, window_block_table,
-            self._drafting_sampling(sampling_metadata, num_reqs))
-        if self.test_proposer is not None:
-            beam = self.test_proposer.override_tree(beam, self.runner,
-                                                    inputs.committed_lens,
-                                                    first_pass_args[3])
-        self.tree_rounds.propose(self.runner.input_batch.req_ids[:num_reqs], beam)
+        # vLLM's first pass alone: the roots' hidden states stay in the round.
+        _, roots = self._draft_with_vllm(cross_attention, 0, *first_pass,
+                                         **first_pass_kwargs)
+        beam = self._draft_trees(roots, cross_attention, window_block_table,
+                                 first_pass_kwargs["sampling_metadata"])
+        self.tree_rounds.propose(
+            self.runner.input_batch.req_ids[:cross_attention.num_reqs], beam)
         self._last_draft_probs = None  # tree rows are verified with the tree's own
         return beam.tree.tokens
 
-    def _sample_draft_tokens(self, hidden_states, sampling_metadata):
-        """Chains: vLLM's. Tree mode's first pass: keep the roots' hidden states
-        [num_reqs, hidden] (the trees grow from them) and sample nothing."""
-        if self._root_hidden_states is None:
-            return super()._sample_draft_tokens(hidden_states, sampling_metadata)
-        self._root_hidden_states.append(hidden_states)
-        placeholder = torch.zeros(hidden_states.shape[0], dtype=torch.long,
-                                  device=hidden_states.device)
-        return placeholder, None
+    def _draft_trees(self, root_hidden: torch.Tensor,
+                     cross_attention: CrossAttentionInputs,
+                     window_block_table: torch.Tensor, sampling_metadata) -> BeamTree:
+        """root_hidden: [num_reqs, hidden] the draft's output at each root."""
+        return self.tree_drafter.draft(
+            self.model.compute_logits(root_hidden), cross_attention, window_block_table,
+            self._drafting_sampling(sampling_metadata, cross_attention.num_reqs))
 
     @override
     def _sample_from_logits(self, logits, sampling_metadata):
@@ -360,12 +340,13 @@ class LongSpecProposer(DraftModelProposer):
         return dataclasses.replace(batch_sampling(sampling_metadata, num_reqs),
                                    generators=self._drafting_generators(sampling_metadata))
 
+    @override
     def set_inputs_first_pass(self, *args, **kwargs):
         num_tokens, token_indices_to_sample, cad = super().set_inputs_first_pass(
             *args, **kwargs
         )
-        # Only the sampled row of each request needs the full block.
-        self.model.cross_attention_inputs.rows = token_indices_to_sample
+        # Only the sampled row of each request runs the whole block.
+        DraftRound.current().sample_first_pass_at(token_indices_to_sample)
         return num_tokens, token_indices_to_sample, cad
 
 

@@ -1,13 +1,27 @@
-"""Trees between the step that drafts them and the step that verifies them.
+"""One engine step of tree mode as one object, ``TreeStep``, handed to each part.
 
 vLLM's runner drafts after sampling (step t) and verifies in the next target
 forward (step t + 1), with the scheduler in between: it sends the drafts back
 as ``scheduled_spec_decode_tokens`` and may cut them (token budget, model
-length) or drop them (preemption). ``TreeRounds`` keeps each request's
-``ProposedTree`` from the proposer and, when step t + 1 is prepared, matches
-it with what was scheduled: a row whose scheduled drafts are a prefix of its
-tree (level order keeps any prefix a tree) is a tree row of that ``TreeStep``;
-any other row is verified as vLLM scheduled it (a chain).
+length) or drop them (preemption). ``TreeRounds`` (one per runner, held by the
+LongSpec proposer, which is the runner's ``drafter``) keeps each request's
+``ProposedTree`` and, when step t + 1 is prepared, matches it with what was
+scheduled: a row whose scheduled drafts are a prefix of its tree (level order
+keeps any prefix a tree) is a tree row of that step's ``TreeStep``; any other
+row is verified as vLLM scheduled it (a chain).
+
+A ``TreeStep`` lives from input preparation to verification, in this order:
+
+1. ``patches/prepare_inputs.py``: ``begin_step`` makes it; ``layout`` rotates
+   the nodes at root + depth;
+2. ``patches/attention_metadata.py`` hands its ``ancestor_masks`` to the
+   target layers' attention metadata builders (hybrid tree attention);
+3. ``tree_sampler.TreeRejectionSampler`` takes it (``end_step``), verifies its
+   rows and moves the accepted paths' K/V;
+4. the proposer drafts the next trees and hands them over (``propose``).
+
+``step`` (between 1 and 3) is the one place the runner's parts find it: vLLM
+calls each of them with its own arguments only.
 """
 
 from __future__ import annotations
@@ -17,8 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_longspec.attention.spec_trees import SpecTreeBatch
 from vllm_longspec.tree import BeamTree
+from vllm_longspec.tree.mask import ancestor_mask
 
 
 @dataclass(frozen=True)
@@ -54,7 +68,14 @@ class TreeStep:
     """The trees one target forward verifies."""
 
     trees: Mapping[int, ProposedTree]  # batch row -> its tree, cut to the drafts sent
-    attention: SpecTreeBatch  # the same trees for the hybrid attention backend
+    # batch row -> [1 + N, 1 + N] bool: which of the row's query tokens
+    # [root, nodes...] each one sees (itself and its ancestors)
+    ancestor_masks: Mapping[int, torch.Tensor]
+
+    @classmethod
+    def of(cls, trees: Mapping[int, ProposedTree]) -> TreeStep:
+        return cls(trees, {row: ancestor_mask(tree.query_parents())
+                           for row, tree in trees.items()})
 
 
 # (KV cache group id, the target attention layers in it)
@@ -100,12 +121,7 @@ class TreeRounds:
                 continue
             if tree.tokens[:len(drafts)].tolist() == list(drafts):
                 trees[req_id_to_index[req_id]] = tree.cut(len(drafts))
-        self._step = None
-        if trees:
-            self._step = TreeStep(trees, SpecTreeBatch(
-                {row: tree.query_parents() for row, tree in trees.items()},
-                layer_names=frozenset(name for _, names in self.target_kv_groups
-                                      for name in names)))
+        self._step = TreeStep.of(trees) if trees else None
         return self._step
 
     @property

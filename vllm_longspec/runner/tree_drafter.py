@@ -5,19 +5,20 @@ verified tokens and the root (the bonus token) to the draft, whose hidden state
 at the root gives the root's logits. From there, one draft forward per level
 (``BeamTreeBuilder``): the level's nodes run the whole draft block at positions
 root + depth, their self-attention over the window and their ancestors
-(``TreeSelfAttention``), their cross-attention over the committed target prefix
-(the same for every node of the round, as for chains).
+(``LevelSelfAttention``), their cross-attention over the committed target prefix
+(the same for every node of the round, as for chains). Each level's forward
+gets its inputs as one ``DraftInputs`` argument.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import torch
 
-from vllm_longspec.model.draft import CrossAttentionInputs, LongSpecForCausalLM
-from vllm_longspec.model.tree_attention import DraftWindow, TreeSelfAttention
+from vllm_longspec.model.draft import LongSpecForCausalLM
+from vllm_longspec.model.draft_inputs import CrossAttentionInputs, DraftInputs
+from vllm_longspec.model.level_attention import DraftWindow, LevelSelfAttention
 from vllm_longspec.tree import BatchSampling, BeamTree, BeamTreeBuilder
 
 
@@ -47,8 +48,8 @@ class TreeDrafter:
         window_size = self.model.sliding_window
         window = DraftWindow.gather(self.window_layer.kv_cache, window_block_table,
                                     root_positions, window_size, self.window_layer.isa)
-        attention = TreeSelfAttention(window, root_positions, window_size,
-                                      self.model.self_attn.scale)
+        attention = LevelSelfAttention(window, root_positions, window_size,
+                                       self.model.self_attn.scale)
         batch = root_logits.shape[0]
         depth = 1
         while not builder.done:
@@ -56,15 +57,12 @@ class TreeDrafter:
             attention.next_level(depth, builder.build().tree.ancestor_mask[:, -width:])
             positions = root_positions.repeat_interleave(width) + depth  # [B * W]
             rows = torch.arange(batch * width + 1, device=root_logits.device)
-            self.model.tree_attention = attention
             # every node runs the whole block; request b's nodes are rows b * width...
-            self.model.cross_attention_inputs = dataclasses.replace(
-                cross_attention, rows=rows[:-1], query_start_loc=rows[::width].int())
-            try:
-                hidden = self.model(input_ids=level.tokens.flatten(), positions=positions)
-            finally:
-                self.model.tree_attention = None
-                self.model.cross_attention_inputs = None
+            inputs = DraftInputs(cross_attention, rows=rows[:-1],
+                                 query_start_loc=rows[::width].int(),
+                                 level_attention=attention)
+            hidden = self.model(input_ids=level.tokens.flatten(), positions=positions,
+                                draft_inputs=inputs)
             level = builder.expand(self.model.compute_logits(hidden).view(batch, width, -1))
             depth += 1
         return builder.build()

@@ -1,5 +1,8 @@
 """How many tokens one request may speculate per step (plain Python).
 
+A chain drafts at most ``MAX_NUM_SPECULATIVE_TOKENS`` tokens (the config's
+bound on ``num_speculative_tokens``).
+
 The hybrid tree attention verifies a request's root and its draft tokens in one
 target forward under an ancestor mask packed into ``MAX_SPEC_TOKENS // 32``
 int32 words per token (``tree.mask``); the Triton and C++ kernels are compiled
@@ -12,3 +15,5 @@ MAX_SPEC_TOKENS = 128
 MAX_TREE_NODES = MAX_SPEC_TOKENS - 1
 # int32 words of one token's packed ancestor mask.
 BITS_WORDS = MAX_SPEC_TOKENS // 32
+# Draft tokens of a chain (LongSpecConfig.num_speculative_tokens).
+MAX_NUM_SPECULATIVE_TOKENS = 16

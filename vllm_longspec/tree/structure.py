@@ -11,7 +11,7 @@ tensors of the target (and draft) are indexed by slot: slot 0 is the root,
 slot i + 1 is node i. The target's verification forward runs over exactly these
 query tokens, [root, node 0, ..., node N-1]; their parents (``query_parents``)
 follow ``vllm_longspec.tree.mask``, the convention of the hybrid tree
-attention backend (``SpecTreeBatch``). ``RaggedTrees`` flattens such query trees
+attention backend (``TreeStep.ancestor_masks``). ``RaggedTrees`` flattens such query trees
 of different sizes for an attention kernel.
 """
 
@@ -96,7 +96,7 @@ class DraftTree:
 
     def query_parents(self) -> list[list[int]]:
         """Per request, the parents of its verification query tokens [root, nodes...]
-        (``tree.mask`` convention), e.g. for ``SpecTreeBatch.from_request_ids``."""
+        (``tree.mask`` convention)."""
         return [[-1] + row for row in (self.parents + 1).tolist()]
 
     def to_ragged(self) -> RaggedTrees:

@@ -5,11 +5,11 @@ switch ``VLLM_LONGSPEC_GPU=1`` (``kernels/tuning.py``); its tree path
 (``verify_tree_rows`` with the Triton prefix kernel) runs in tests under the
 Triton interpreter on CPU tensors.
 
-Target: ``vllm.v1.attention.backends.flash_attn.FlashAttentionBackend``
-(FLASH_ATTN), overridden through vLLM's backend registry; ``get_name()`` stays
-"FLASH_ATTN".
-How: the metadata builder runs vLLM's build, then adds ``TreeRows``
-(``tree_rows.py``) when a ``SpecTreeBatch`` applies to its layers. The impl runs
+Registered in place of ``FLASH_ATTN`` by ``patches/attention_backend.py``;
+``get_name()`` stays "FLASH_ATTN".
+The metadata builder is vLLM's; for a step with rows to verify,
+``patches/attention_metadata.py`` adds ``TreeRows`` (``tree_rows.py``) to the
+metadata it built (``plan`` / ``with_plan``). The impl runs
 vLLM's forward for the whole batch, then recomputes the tree rows: paged prefix
 attention with its log-sum-exp (FlashAttention: the ``flash-attn`` package when
 installed, else the copy bundled with vLLM, else the Triton prefix kernel), the
@@ -22,9 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from typing_extensions import override
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionType
 from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionBackend,
@@ -33,11 +34,7 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
-from vllm_longspec.attention.tree_rows import (
-    TreeRows,
-    check_impl_supports_trees,
-    find_tree_masks,
-)
+from vllm_longspec.attention.tree_rows import TreeRows, check_impl_supports_trees
 from vllm_longspec.kernels import masked_spec_attention as masked_kernel
 from vllm_longspec.kernels import merge_attention_states as merge_kernel
 from vllm_longspec.kernels import paged_prefix_attention as prefix_kernel
@@ -114,25 +111,42 @@ class HybridFlashAttentionMetadata(FlashAttentionMetadata):
 
 
 class HybridFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
+    """vLLM's builder (``build`` unchanged); ``patches/attention_metadata.py``
+    adds a step's ``TreeRows``: ``plan`` once, ``with_plan`` per KV-cache group."""
+
     _cudagraph_support = AttentionCGSupport.NEVER  # read by get_cudagraph_support
 
-    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
+    @property
+    def plan_key(self) -> tuple:
+        """Builders with equal keys share one plan (it depends on the batch only)."""
+        return (self.verifies_chains,)
+
+    @property
+    def verifies_chains(self) -> bool:
+        """Chain rows of sliding-window layers keep vLLM's kernel (debug switch)."""
+        return getattr(self.kv_cache_spec, "sliding_window", None) is None
+
+    def plan(self, masks: Mapping[int, torch.Tensor], query_start_loc: Sequence[int],
+             metadata: FlashAttentionMetadata) -> TreeRows | None:
+        """The rows ``masks`` (row -> [q, q] ancestor mask), block table empty."""
+        if not masks or metadata.causal is not True:
+            return None
+        num_reqs = len(query_start_loc) - 1
+        return TreeRows.build(masks, query_start_loc, metadata.seq_lens[:num_reqs],
+                              metadata.max_seq_len)
+
+    def with_plan(self, metadata: FlashAttentionMetadata,
+                  plan: TreeRows | None) -> FlashAttentionMetadata:
+        if plan is None:
+            return metadata
         fields = {f.name: getattr(metadata, f.name)
                   for f in dataclasses.fields(FlashAttentionMetadata)}
-        common = common_attn_metadata
-        num_reqs = common.num_reqs
-        qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
-        query_lens = [qsl[r + 1] - qsl[r] for r in range(num_reqs)]
-        masks = find_tree_masks(self.layer_names, query_lens)
-        rows = None
-        if masks and metadata.causal is True:
-            rows = TreeRows.build(masks, qsl, common.seq_lens[:num_reqs],
-                                  common.block_table_tensor, common.max_seq_len)
-        return HybridFlashAttentionMetadata(**fields, tree_rows=rows)
+        return HybridFlashAttentionMetadata(
+            **fields, tree_rows=plan.with_block_table(metadata.block_table))
 
 
 class HybridFlashAttentionImpl(FlashAttentionImpl):
+    @override
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
@@ -160,13 +174,16 @@ class HybridFlashAttentionImpl(FlashAttentionImpl):
 
 class HybridFlashAttentionBackend(FlashAttentionBackend):
     @staticmethod
+    @override
     def get_name() -> str:
         return "FLASH_ATTN"
 
     @staticmethod
+    @override
     def get_impl_cls():
         return HybridFlashAttentionImpl
 
     @staticmethod
+    @override
     def get_builder_cls():
         return HybridFlashAttentionMetadataBuilder

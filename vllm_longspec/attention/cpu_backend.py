@@ -1,25 +1,27 @@
 """Hybrid tree attention as vLLM's CPU attention backend (target verification).
 
-Target: ``vllm.v1.attention.backends.cpu_attn.CPUAttentionBackend`` (CPU_ATTN),
-overridden through vLLM's backend registry; ``get_name()`` stays "CPU_ATTN".
-Why: vLLM's CPU kernel knows causal and sliding-window masks only, and returns
-no log-sum-exp, so it cannot verify a speculative tree.
-How: the metadata builder runs vLLM's build, then, when a ``SpecTreeBatch`` is
-set (``spec_trees``), adds a plan: which rows carry trees (their prefix lengths,
+Registered in place of ``CPU_ATTN`` by ``patches/attention_backend.py``;
+``get_name()`` stays "CPU_ATTN". vLLM's CPU kernel knows causal and
+sliding-window masks only, and returns no log-sum-exp, so it cannot verify a
+speculative tree.
+
+The metadata builder is vLLM's; for a step with rows to verify,
+``patches/attention_metadata.py`` adds a plan to the metadata it built
+(``plan`` / ``with_plan``): which rows carry trees (their prefix lengths,
 block tables, packed ancestor masks) and a stock sub-batch for the other rows.
 The impl attends tree rows with prefix (paged, LSE) + tree part (masked, LSE) +
-merge (``cpu_hybrid``), and the rest with vLLM's own kernel. Without a plan
-(no tree set: prefill, plain decode, chains, the draft's layers) every call is
-``CPUAttentionBackendImpl.forward`` unchanged.
-When it can go: when vLLM's CPU backend accepts an arbitrary per-request mask.
+merge (``hybrid.hybrid_attention``), and the rest with vLLM's own kernel.
+Without a plan (prefill, plain decode, chains, the draft's layers) every call
+is ``CPUAttentionBackendImpl.forward`` unchanged.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+from collections.abc import Mapping, Sequence
 
 import torch
+from typing_extensions import override
 from vllm import _custom_ops as ops
 from vllm import envs
 from vllm.v1.attention.backend import AttentionType
@@ -33,30 +35,11 @@ from vllm.v1.attention.backends.cpu_attn import (
 from vllm_longspec.attention.cpu_cache import split_kv_pages
 from vllm_longspec.attention.cpu_extension import load_cpu_extension
 from vllm_longspec.attention.cpu_hybrid import hybrid_attention
-from vllm_longspec.attention.spec_trees import hybrid_chains_enabled
 from vllm_longspec.attention.tree_rows import (
     TreeRows,
-    applicable_tree_batch,
     check_impl_supports_trees,
-    find_tree_masks,
     sub_batch,
 )
-
-ENABLE_ENV = "VLLM_LONGSPEC_HYBRID_ATTENTION"
-# Tests: a file created the first time a process runs the hybrid path, so an
-# engine test can tell that the path ran (the worker is another process).
-USED_MARKER_ENV = "VLLM_LONGSPEC_HYBRID_USED_MARKER"
-_marked = False
-
-
-def _mark_hybrid_used() -> None:
-    global _marked
-    marker = os.environ.get(USED_MARKER_ENV)
-    if marker and not _marked:
-        open(marker, "a").close()
-        _marked = True
-BACKEND_CLASS_PATH = "vllm_longspec.attention.backend.HybridCPUAttentionBackend"
-GPU_BACKEND_CLASS_PATH = "vllm_longspec.attention.gpu_backend.HybridFlashAttentionBackend"
 
 
 @dataclasses.dataclass
@@ -83,72 +66,46 @@ class HybridCPUAttentionMetadata(CPUAttentionMetadata):
 
 
 class HybridCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
-    # The last step's plan without block tables: (key, HybridPlan). With a draft
-    # next to the target, vLLM's hybrid KV-cache manager gives every target
-    # layer its own KV-cache group (own block table), so one step builds
-    # metadata once per layer; the rows, masks and stock scheduler metadata are
-    # the same for all of them, only the block-table rows differ.
-    _last_plan: tuple | None = None
+    """vLLM's builder (``build`` unchanged); a step with rows to verify gets
+    their plan added by ``patches/attention_metadata.py``: ``plan`` once for the
+    layers that share this builder's configuration (with a draft next to the
+    target, every target layer has its own KV-cache group, so one step builds
+    metadata once per layer), ``with_plan`` per group (its block table)."""
 
-    def build(self, common_prefix_len, common_attn_metadata, fast_build=False):
-        metadata = super().build(common_prefix_len, common_attn_metadata, fast_build)
-        fields = {f.name: getattr(metadata, f.name)
-                  for f in dataclasses.fields(CPUAttentionMetadata)}
-        plan = None
-        if (not self.is_cross_attention and not self.is_encoder_only_attention
-                and metadata.causal is True and metadata.dynamic_causal is None):
-            plan = self._plan(common_attn_metadata, metadata)
-        return HybridCPUAttentionMetadata(**fields, hybrid_plan=plan)
+    @property
+    def plan_key(self) -> tuple:
+        """What a plan depends on besides the batch: builders with equal keys
+        share one."""
+        return (self.num_heads, self.num_kv_heads, self.head_dim, self.dtype,
+                self.window_size, self.isa, self.kv_cache_dtype)
 
-    def _plan(self, common, metadata) -> HybridPlan | None:
-        num_reqs = common.num_reqs
-        qsl = common.query_start_loc_cpu[: num_reqs + 1].tolist()
-        seq_lens = metadata.seq_lens[:num_reqs]
-        # Everything the plan depends on but the block table (compared by value).
-        key = (applicable_tree_batch(self.layer_names), self.window_size == -1,
-               hybrid_chains_enabled(), tuple(qsl), tuple(seq_lens.tolist()),
-               self.num_heads, self.num_kv_heads, self.head_dim, self.dtype,
-               self.window_size, self.isa, self.kv_cache_dtype, common.max_seq_len)
-        cached = HybridCPUAttentionMetadataBuilder._last_plan
-        if cached is not None and cached[0] == key:
-            shared = cached[1]
-        else:
-            shared = self._plan_rows(qsl, seq_lens, common.max_seq_len)
-            HybridCPUAttentionMetadataBuilder._last_plan = (key, shared)
-        if shared is None:
+    @property
+    def verifies_chains(self) -> bool:
+        """Chain rows of sliding-window layers keep vLLM's kernel (debug switch)."""
+        return self.window_size == -1
+
+    def plan(self, masks: Mapping[int, torch.Tensor], query_start_loc: Sequence[int],
+             metadata: CPUAttentionMetadata) -> HybridPlan | None:
+        """The plan of rows ``masks`` (row -> [q, q] ancestor mask), block tables
+        empty; None where vLLM's kernel keeps every row."""
+        if not masks or not self._plans(metadata):
             return None
         self._check_tree_support()
-        block_table = metadata.block_table
-        tree = dataclasses.replace(
-            shared.tree, block_table=block_table[torch.tensor(shared.tree.rows)].contiguous())
-        stock = shared.stock
-        if stock is not None:
-            stock = dataclasses.replace(
-                stock, block_table=block_table[stock.rows].contiguous())
-        return HybridPlan(tree=tree, stock=stock)
-
-    def _plan_rows(self, qsl, seq_lens, max_seq_len) -> HybridPlan | None:
-        """The plan with empty block tables (``_plan`` fills them per group)."""
-        num_reqs = len(qsl) - 1
-        query_lens = [qsl[r + 1] - qsl[r] for r in range(num_reqs)]
-        # Chain rows of sliding-window layers keep vLLM's kernel (debug switch).
-        masks = find_tree_masks(self.layer_names, query_lens,
-                                chains_too=self.window_size == -1)
-        if not masks:
-            return None
-        no_blocks = torch.empty(num_reqs, 0, dtype=torch.int32)
-        tree = TreeRows.build(masks, qsl, seq_lens, no_blocks, max_seq_len)
+        num_reqs = len(query_start_loc) - 1
+        seq_lens = metadata.seq_lens[:num_reqs]
+        tree = TreeRows.build(masks, query_start_loc, seq_lens, metadata.max_seq_len)
+        query_lens = [query_start_loc[r + 1] - query_start_loc[r] for r in range(num_reqs)]
         stock_rows = [r for r in range(num_reqs) if r not in masks and query_lens[r] > 0]
         stock = None
         if stock_rows:
-            stock_index, stock_qsl = sub_batch(qsl, stock_rows)
+            stock_index, stock_qsl = sub_batch(query_start_loc, stock_rows)
             stock_seq_lens = seq_lens[torch.tensor(stock_rows)].to(torch.int32)
             stock = StockRows(
                 token_index=stock_index,
                 query_start_loc=stock_qsl,
                 seq_lens=stock_seq_lens,
                 rows=torch.tensor(stock_rows),
-                block_table=no_blocks,
+                block_table=torch.empty(len(stock_rows), 0, dtype=torch.int32),
                 scheduler_metadata=ops.cpu_attn_get_scheduler_metadata(
                     num_reqs=len(stock_rows), num_heads=self.num_heads,
                     num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
@@ -159,6 +116,26 @@ class HybridCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
                     kv_cache_dtype=self.kv_cache_dtype),
             )
         return HybridPlan(tree=tree, stock=stock)
+
+    def with_plan(self, metadata: CPUAttentionMetadata,
+                  plan: HybridPlan | None) -> CPUAttentionMetadata:
+        """``metadata`` (this group's) carrying ``plan`` with its block table."""
+        if plan is None or not self._plans(metadata):
+            return metadata
+        block_table = metadata.block_table
+        stock = plan.stock
+        if stock is not None:
+            stock = dataclasses.replace(
+                stock, block_table=block_table[stock.rows].contiguous())
+        fields = {f.name: getattr(metadata, f.name)
+                  for f in dataclasses.fields(CPUAttentionMetadata)}
+        return HybridCPUAttentionMetadata(**fields, hybrid_plan=HybridPlan(
+            tree=plan.tree.with_block_table(block_table), stock=stock))
+
+    def _plans(self, metadata: CPUAttentionMetadata) -> bool:
+        """Decoder self-attention with vLLM's causal mask (the target's layers)."""
+        return (not self.is_cross_attention and not self.is_encoder_only_attention
+                and metadata.causal is True and metadata.dynamic_causal is None)
 
     def _check_tree_support(self) -> None:
         problems = []
@@ -179,6 +156,7 @@ class HybridCPUAttentionImpl(CPUAttentionBackendImpl):
         super().__init__(*args, **kwargs)
         load_cpu_extension()  # build/load the C++ kernel at model construction
 
+    @override
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         plan = getattr(attn_metadata, "hybrid_plan", None)
@@ -186,6 +164,11 @@ class HybridCPUAttentionImpl(CPUAttentionBackendImpl):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata,
                                    output, output_scale, output_block_scale)
         self._check_tree_support(key, output_scale, output_block_scale)
+        return self.forward_planned(layer, query, key, value, kv_cache, plan, output)
+
+    def forward_planned(self, layer, query, key, value, kv_cache, plan: HybridPlan,
+                        output) -> torch.Tensor:
+        """The planned rows with hybrid attention, the others with vLLM's kernel."""
         key_half, value_half = split_kv_pages(kv_cache)
         if plan.stock is not None:
             self._stock_rows(layer, query, key_half, value_half, plan.stock, output)
@@ -199,7 +182,6 @@ class HybridCPUAttentionImpl(CPUAttentionBackendImpl):
             tree.query_start_loc, tree.ancestor_bits, self.scale, tree_out,
             cpu_isa=layer.isa)
         output[tree.token_index] = tree_out
-        _mark_hybrid_used()
         return output
 
     def _stock_rows(self, layer, query, key_half, value_half, stock, output) -> None:
@@ -225,43 +207,16 @@ class HybridCPUAttentionImpl(CPUAttentionBackendImpl):
 
 class HybridCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
+    @override
     def get_name() -> str:
         return "CPU_ATTN"
 
     @staticmethod
+    @override
     def get_impl_cls():
         return HybridCPUAttentionImpl
 
     @staticmethod
+    @override
     def get_builder_cls():
         return HybridCPUAttentionMetadataBuilder
-
-
-def register_attention_backend(force: bool = False) -> bool:
-    """Override the platform's attention backend with the hybrid one in this
-    process (idempotent): CPU_ATTN on CPU; FLASH_ATTN on GPU, only with the GPU
-    switch ``VLLM_LONGSPEC_GPU=1`` (that backend is untested on GPU).
-
-    Does nothing unless ``force`` (tree mode) or ``VLLM_LONGSPEC_HYBRID_ATTENTION=1``.
-    Call it from the plugin's ``register()`` (it runs in every vLLM process).
-    Returns whether the override is in place.
-    """
-    if not force and os.environ.get(ENABLE_ENV, "0") != "1":
-        return False
-    from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import (
-        AttentionBackendEnum,
-        register_backend,
-    )
-
-    from vllm_longspec.kernels.tuning import GPU_ENV, gpu_paths_enabled
-
-    if current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CPU_ATTN, BACKEND_CLASS_PATH)
-        return True
-    if not gpu_paths_enabled():
-        raise RuntimeError(
-            "hybrid tree attention on a GPU uses a FlashAttention backend that has "
-            f"never run on a GPU; set {GPU_ENV}=1 to use it anyway, or draft chains")
-    register_backend(AttentionBackendEnum.FLASH_ATTN, GPU_BACKEND_CLASS_PATH)
-    return True

@@ -1,4 +1,4 @@
-"""The draft's self-attention over the levels of a speculative tree (plain torch).
+"""The draft's self-attention for the levels of a speculative tree (plain torch).
 
 A round drafts its tree level by level (``vllm_longspec.tree.beam``). A node at
 depth d sits at position p = root + d, where root is the position of the
@@ -56,12 +56,13 @@ class DraftWindow:
                    torch.where(present, positions, -1))
 
 
-class TreeSelfAttention:
+class LevelSelfAttention:
     """The draft's self-attention for the levels of one round's trees.
 
     Per level: ``next_level`` says which nodes each new node sees, then the
     draft's forward calls this object with the level's q/k/v (one row per node,
-    request-major) in place of its vLLM attention layer.
+    request-major) in place of its vLLM attention layer
+    (``DraftInputs.level_attention``).
     """
 
     def __init__(self, window: DraftWindow, root_positions: torch.Tensor,
