@@ -38,6 +38,16 @@ def _import_triton_language_interpreted() -> None:
 
 _import_triton_language_interpreted()
 
+E2E_DIR = Path(__file__).parent / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under ``tests/e2e/`` starts engines: it is marked ``e2e``, so
+    ``-m "not e2e"`` selects the fast tier."""
+    for item in items:
+        if E2E_DIR in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture(scope="session")
 def target_dir() -> Path:
