@@ -1,0 +1,1 @@
+"""Parts of ``benchmarks/serve_stress.py``: prompts, HTTP load, server probes, report."""
