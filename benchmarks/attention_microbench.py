@@ -6,7 +6,7 @@ cache (as after the layer's KV update):
 
 - stock:  vLLM's ``cpu_attention_with_kv_cache``, causal over prefix + new tokens
           (exact for chains; cannot express a tree);
-- hybrid: ``cpu_hybrid.hybrid_attention``: paged prefix with LSE (C++ kernel,
+- hybrid: ``attention.hybrid.hybrid_attention``: paged prefix with LSE (C++ kernel,
           in place) + masked new-token part + merge, mask given as ancestor bits;
 - dense:  per request, gather prefix K/V out of the cache, append the new
           tokens, one ``scaled_dot_product_attention`` with a boolean mask.
@@ -32,9 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from vllm_longspec.attention import cpu_hybrid
-from vllm_longspec.attention.cpu_cache import gather_kv_blocks, split_kv_pages
+from vllm_longspec.attention import hybrid
 from vllm_longspec.attention.cpu_extension import load_cpu_extension
+from vllm_longspec.attention.kv_cache import gather_kv_blocks, split_kv_cache
 from vllm_longspec.tree.mask import (
     ancestor_mask,
     chain_parents,
@@ -57,7 +57,7 @@ class Setup:
         num_blocks = batch * blocks_per_req + 1
         self.kv_cache = torch.zeros(num_blocks, NUM_KV_HEADS, BLOCK_SIZE, 2 * HEAD_SIZE,
                                     dtype=dtype)
-        self.key_half, self.value_half = split_kv_pages(self.kv_cache)
+        self.key_half, self.value_half = split_kv_cache(self.kv_cache, "cpu")
         order = torch.randperm(num_blocks - 1, generator=gen) + 1  # shuffled blocks
         self.block_table = order[: batch * blocks_per_req].view(batch, -1).to(torch.int32)
         pos = torch.arange(seq_len)
@@ -104,7 +104,7 @@ class Setup:
 
     def hybrid(self):
         out = torch.empty_like(self.query)
-        cpu_hybrid.hybrid_attention(
+        hybrid.hybrid_attention(
             self.query, self.new_key, self.new_value, self.key_half, self.value_half,
             self.block_table, self.prefix_lens, self.qsl, self.bits, self.scale, out,
             cpu_isa=self.isa)

@@ -14,7 +14,7 @@ def check_device(kernel, *tensors: torch.Tensor) -> None:
         if tensor is not None and tensor.device.type == "cpu":
             raise ValueError(
                 "Triton kernels need GPU tensors (Triton has no CPU backend); on CPU "
-                "use vllm_longspec.attention.cpu_hybrid, or set TRITON_INTERPRET=1 "
+                "use the CPU paths of vllm_longspec.attention, or set TRITON_INTERPRET=1 "
                 "before importing triton to run the interpreter")
 
 

@@ -12,7 +12,7 @@ The caches are logical views [num_blocks, num_kv_heads, block_size, head_size]
 with any strides, so one kernel reads
 - the GPU/FlashAttention layout: ``kv_cache[..., :head]`` / ``[..., head:]`` of
   the [num_blocks, num_kv_heads, block_size, 2 * head_size] view, and
-- vLLM's CPU "vec"/"vec16" packing via ``attention.cpu_cache.logical_kv_views``
+- vLLM's CPU "vec"/"vec16" packing via ``attention.kv_cache.logical_kv_views``
   (keys transposed per page: token stride 1). The CPU "amx" tile packing has no
   strided view; on CPU the C++ path serves it.
 """

@@ -6,7 +6,7 @@ import random
 
 import torch
 
-from vllm_longspec.attention.cpu_cache import split_kv_pages
+from vllm_longspec.attention.kv_cache import split_kv_cache
 from vllm_longspec.tree.mask import ancestor_mask, pack_ancestor_bits
 
 # Named tolerances: (atol, rtol) of outputs against the float64 reference.
@@ -83,7 +83,7 @@ class PagedCase:
         self.values = torch.full(shape, fill, dtype=dtype)
         self.kv_cache = torch.full((num_blocks, num_kv_heads, block_size, 2 * head_size),
                                    fill, dtype=dtype)
-        key_half, value_half = split_kv_pages(self.kv_cache)
+        key_half, value_half = split_kv_cache(self.kv_cache, "cpu")
         start = 0
         for i, n in enumerate(prefix_lens):
             self.block_table[i, :blocks_per_req[i]] = order[start:start + blocks_per_req[i]]

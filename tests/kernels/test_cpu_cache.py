@@ -12,12 +12,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_longspec.attention.cpu_cache import (
+from vllm_longspec.attention.kv_cache import (
     gather_kv_blocks,
     gather_kv_tokens,
     logical_kv_views,
     move_kv_tokens,
-    split_kv_pages,
+    split_kv_cache,
 )
 
 CASES = [(isa, dtype, head, block)
@@ -34,7 +34,7 @@ def _write(isa, dtype, head_size, block_size, gen):
     num_blocks, num_kv_heads, num_tokens = 5, 3, 2 * block_size + 7
     kv_cache = torch.full((num_blocks, num_kv_heads, block_size, 2 * head_size),
                           float("nan"), dtype=dtype)
-    key_half, value_half = split_kv_pages(kv_cache)
+    key_half, value_half = split_kv_cache(kv_cache, "cpu")
     keys = torch.randn(num_tokens, num_kv_heads, head_size, generator=gen).to(dtype)
     values = torch.randn(num_tokens, num_kv_heads, head_size, generator=gen).to(dtype)
     blocks = torch.tensor([4, 1, 2])  # non-contiguous
@@ -107,13 +107,13 @@ def test_logical_views_are_zero_copy(isa, dtype, head_size):
 def test_amx_has_no_strided_view():
     kv_cache = torch.zeros(2, 1, 32, 128, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="gather_kv_blocks"):
-        logical_kv_views(*split_kv_pages(kv_cache), "amx")
+        logical_kv_views(*split_kv_cache(kv_cache, "cpu"), "amx")
 
 
 def test_unknown_packing_is_rejected():
     kv_cache = torch.zeros(2, 1, 32, 128)
     with pytest.raises(ValueError, match="not decoded"):
-        gather_kv_blocks(*split_kv_pages(kv_cache), torch.tensor([0]), "neon")
+        gather_kv_blocks(*split_kv_cache(kv_cache, "cpu"), torch.tensor([0]), "neon")
 
 
 def test_vllm_picks_a_decoded_isa_here():

@@ -16,9 +16,14 @@ from hybrid_cases import (
     tree_inputs,
 )
 
-from vllm_longspec.attention import cpu_hybrid
-from vllm_longspec.attention.cpu_cache import logical_kv_views
-from vllm_longspec.reference import hybrid_attention as reference
+from vllm_longspec.attention import (
+    cpu_extension,
+    hybrid,
+    masked_spec,
+    merge,
+    paged_prefix,
+)
+from vllm_longspec.attention.kv_cache import logical_kv_views
 from vllm_longspec.tree.mask import unpack_ancestor_bits
 
 # Prefix lengths straddle block (32/128) and split edges; 0 = empty prefix.
@@ -44,9 +49,9 @@ def test_prefix_matches_reference(dtype, num_heads, num_kv_heads, head_size, blo
     query = torch.randn(int(qsl[-1]), num_heads, head_size, generator=gen).to(dtype)
     before = case.kv_cache.clone()
     scale = head_size**-0.5
-    expected, expected_lse = reference.paged_prefix_attention(
+    expected, expected_lse = paged_prefix.reference(
         query, case.keys, case.values, case.block_table, case.prefix_lens, qsl, scale)
-    got, lse = cpu_hybrid.paged_prefix_attention(
+    got, lse = paged_prefix.cpu(
         query, case.key_half, case.value_half, case.block_table, case.prefix_lens, qsl,
         scale, out=nan_like(query), lse_out=nan_like(query[..., 0], torch.float32),
         cpu_isa=isa)
@@ -62,9 +67,9 @@ def test_prefix_reads_amx_packing(head_size):
     case = PagedCase(PREFIX_LENS[:8], 2, head_size, 32, torch.bfloat16, gen, "amx")
     qsl = query_start_loc(SPEC_LENS[:8])
     query = torch.randn(int(qsl[-1]), 6, head_size, generator=gen).to(torch.bfloat16)
-    expected, expected_lse = reference.paged_prefix_attention(
+    expected, expected_lse = paged_prefix.reference(
         query, case.keys, case.values, case.block_table, case.prefix_lens, qsl, 0.1)
-    got, lse = cpu_hybrid.paged_prefix_attention(
+    got, lse = paged_prefix.cpu(
         query, case.key_half, case.value_half, case.block_table, case.prefix_lens, qsl,
         0.1, out=nan_like(query), cpu_isa="amx")
     assert_close(got, expected, torch.bfloat16)
@@ -74,15 +79,15 @@ def test_prefix_reads_amx_packing(head_size):
 @pytest.mark.parametrize("isa", ["vec", "amx"])
 def test_prefix_torch_fallback(monkeypatch, isa):
     """Without the C++ extension: per-request gather of the needed blocks."""
-    monkeypatch.setattr(cpu_hybrid, "load_cpu_extension", lambda: None)
+    monkeypatch.setattr(cpu_extension, "load_cpu_extension", lambda: None)
     dtype = torch.bfloat16
     gen = torch.Generator().manual_seed(4)
     case = PagedCase(PREFIX_LENS[:8], 2, 64, 32, dtype, gen, isa)
     qsl = query_start_loc(SPEC_LENS[:8])
     query = torch.randn(int(qsl[-1]), 4, 64, generator=gen).to(dtype)
-    expected, expected_lse = reference.paged_prefix_attention(
+    expected, expected_lse = paged_prefix.reference(
         query, case.keys, case.values, case.block_table, case.prefix_lens, qsl, 0.125)
-    got, lse = cpu_hybrid.paged_prefix_attention(
+    got, lse = paged_prefix.cpu(
         query, case.key_half, case.value_half, case.block_table, case.prefix_lens, qsl,
         0.125, out=nan_like(query), cpu_isa=isa)
     assert_close(got, expected, dtype)
@@ -95,11 +100,11 @@ def test_prefix_logical_views_and_gpu_layout():
     case = PagedCase([5, 300, 64], 2, 64, 32, torch.float32, gen, "vec")
     qsl = query_start_loc([2, 3, 1])
     query = torch.randn(6, 6, 64, generator=gen)
-    expected, _ = reference.paged_prefix_attention(
+    expected, _ = paged_prefix.reference(
         query, case.keys, case.values, case.block_table, case.prefix_lens, qsl, 0.125)
     for keys, values in (logical_kv_views(case.key_half, case.value_half, "vec"),
                          case.gpu_layout()):
-        got, _ = cpu_hybrid.paged_prefix_attention(
+        got, _ = paged_prefix.cpu(
             query, keys, values, case.block_table, case.prefix_lens, qsl, 0.125)
         assert_close(got, expected, torch.float32)
 
@@ -114,10 +119,10 @@ def test_masked_matches_reference(dtype, num_heads, num_kv_heads, head_size, cha
     spec_lens = [1, 2, 31, 32, 33, 64, 128, 5]
     query, key, value, qsl, bits = tree_inputs(spec_lens, num_heads, num_kv_heads,
                                                head_size, dtype, gen, rng, chain)
-    expected, expected_lse = reference.masked_spec_attention(
+    expected, expected_lse = masked_spec.reference(
         query, key, value, qsl, bits, head_size**-0.5)
     for ancestor_bits in ([bits, None] if chain else [bits]):
-        got, lse = cpu_hybrid.masked_spec_attention(
+        got, lse = masked_spec.cpu(
             query, key, value, qsl, ancestor_bits, head_size**-0.5,
             out=nan_like(query), lse_out=nan_like(query[..., 0], torch.float32))
         assert_close(got, expected, dtype)
@@ -133,8 +138,8 @@ def test_merge_matches_reference(dtype):
     lse_b = torch.randn(7, 4, generator=gen) * 5
     lse_a[0], lse_b[1] = float("-inf"), float("-inf")
     lse_a[2, :2] = lse_b[2, :2] = float("-inf")  # both empty: output 0
-    expected, expected_lse = reference.merge_attention_states(out_a, lse_a, out_b, lse_b)
-    got, lse = cpu_hybrid.merge_attention_states(
+    expected, expected_lse = merge.reference(out_a, lse_a, out_b, lse_b)
+    got, lse = merge.cpu(
         out_a, lse_a, out_b, lse_b, out=nan_like(out_a),
         lse_out=nan_like(lse_a))
     assert_close(got, expected, dtype)
@@ -156,13 +161,13 @@ def test_hybrid_equals_dense_masked_attention(monkeypatch, request, dtype, path,
     splits, or torch + LSE merge) == one softmax over the prefix and the
     visible new tokens."""
     if path == "torch":
-        monkeypatch.setattr(cpu_hybrid, "load_cpu_extension", lambda: None)
-    elif cpu_hybrid.load_cpu_extension() is None:
+        monkeypatch.setattr(cpu_extension, "load_cpu_extension", lambda: None)
+    elif cpu_extension.load_cpu_extension() is None:
         pytest.fail("the C++ extension did not build on this machine")
     if path == "extension-split-1":
-        monkeypatch.setattr(cpu_hybrid, "SPLIT_BLOCKS", 1)
+        monkeypatch.setattr(cpu_extension, "SPLIT_BLOCKS", 1)
     if path == "extension-widened":  # bf16 without vdpbf16ps: widened to float32
-        monkeypatch.setattr(cpu_hybrid, "BF16_PAIRS", False)
+        monkeypatch.setattr(cpu_extension, "BF16_PAIRS", False)
     if path == "extension-1-thread":  # the kernel's own choice: no splits
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
@@ -178,7 +183,7 @@ def test_hybrid_equals_dense_masked_attention(monkeypatch, request, dtype, path,
     if mask == "chain":
         bits = None
     out = nan_like(query)
-    cpu_hybrid.hybrid_attention(query, key, value, case.key_half, case.value_half,
+    hybrid.hybrid_attention(query, key, value, case.key_half, case.value_half,
                                 case.block_table, case.prefix_lens, qsl, bits, 0.125, out,
                                 cpu_isa=isa)
     lens = (qsl[1:] - qsl[:-1]).tolist()
@@ -194,27 +199,27 @@ def test_bad_arguments_raise_value_errors():
     key = torch.zeros(3, 2, 64)
     qsl = torch.tensor([0, 3], dtype=torch.int32)
     with pytest.raises(ValueError, match="num_kv_heads"):
-        cpu_hybrid.masked_spec_attention(query, torch.zeros(3, 3, 64), torch.zeros(3, 3, 64),
+        masked_spec.cpu(query, torch.zeros(3, 3, 64), torch.zeros(3, 3, 64),
                                          qsl, None, 1.0)
     with pytest.raises(ValueError, match="query_start_loc"):
-        cpu_hybrid.masked_spec_attention(query, key, key, qsl.long(), None, 1.0)
+        masked_spec.cpu(query, key, key, qsl.long(), None, 1.0)
     with pytest.raises(ValueError, match="ancestor_bits"):
-        cpu_hybrid.masked_spec_attention(query, key, key, qsl,
+        masked_spec.cpu(query, key, key, qsl,
                                          torch.zeros(3, 2, dtype=torch.int32), 1.0)
     with pytest.raises(ValueError, match="not decoded"):
-        cpu_hybrid.paged_prefix_attention(
+        paged_prefix.cpu(
             query, torch.zeros(2, 2, 32, 64), torch.zeros(2, 2, 32, 64),
             torch.zeros(1, 2, dtype=torch.int32), torch.zeros(1, dtype=torch.int32), qsl,
             1.0, cpu_isa="neon")
     with pytest.raises(ValueError, match="lse_b"):
-        cpu_hybrid.merge_attention_states(query, torch.zeros(3, 4), query, torch.zeros(3, 5))
+        merge.cpu(query, torch.zeros(3, 4), query, torch.zeros(3, 5))
 
 
 def test_bf16_pairs_are_compiled_where_the_cpu_has_them():
     """So the bf16 cases above run vdpbf16ps here (and the widened path too)."""
     from pathlib import Path
 
-    extension = cpu_hybrid.load_cpu_extension()
+    extension = cpu_extension.load_cpu_extension()
     if extension is None:
         pytest.fail("the C++ extension did not build on this machine")
     flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()

@@ -24,8 +24,8 @@ from hybrid_cases import (
     random_parents,
 )
 
+from vllm_longspec.attention import paged_prefix
 from vllm_longspec.attention.tree_rows import TreeRows, rows_to_verify
-from vllm_longspec.reference import hybrid_attention as reference
 from vllm_longspec.tree.mask import ancestor_mask
 
 pytest.importorskip("vllm")
@@ -153,7 +153,7 @@ def test_builder_without_rows_to_verify_adds_nothing(monkeypatch):
 
 def _fake_flash_prefix(query, k, v, block_table, prefix_lens, cu_seqlens_q, scale):
     """FlashAttention's contract: lse comes back [num_heads, num_tokens]."""
-    out, lse = reference.paged_prefix_attention(
+    out, lse = paged_prefix.reference(
         query, k.transpose(1, 2), v.transpose(1, 2), block_table, prefix_lens,
         cu_seqlens_q, scale)
     return out.to(query.dtype), lse.float().t().contiguous()

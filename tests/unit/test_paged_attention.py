@@ -3,8 +3,10 @@
 On CPU the target cache is written by vLLM's own ``cpu_attn_reshape_and_cache``
 (which packs keys in an ISA-specific order), exactly as the target's attention
 layers write it; the same tokens are also stored as plain rows for the
-plain-torch reference (``reference/paged_attention.py``, the draft's fallback
-off CPU). Every path, the reference included, is checked against
+plain-torch reference (``paged_prefix.reference``) and the logical-view path
+(``paged_prefix.cpu``; off CPU the Triton kernel,
+``tests/kernels/test_triton_kernels.py``). Every path, the reference included,
+is checked against
 ``dense_attention`` below: a float64 softmax over each request's K/V as
 generated, before any paging, so no test compares an implementation with itself.
 Also pins the window semantics of vLLM's CPU kernel that the draft's
@@ -17,10 +19,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_longspec.model.paged_attention import paged_decode_attention, split_kv_cache
-from vllm_longspec.reference.paged_attention import (
-    paged_decode_attention as reference_attention,
-)
+from vllm_longspec.attention import paged_prefix
+from vllm_longspec.attention.kv_cache import split_kv_cache
+from vllm_longspec.attention.paged_prefix import paged_decode_attention
 
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 BLOCK_SIZE = 128
@@ -116,12 +117,13 @@ def test_cpu_kernel_and_reference_match_dense_attention(dtype, num_heads, num_kv
     assert_matches_dense(got, query, cache, requests, scale, dtype)
     assert torch.equal(cache.kv_cache, before), "the target cache must not change"
     # The reference is the ground truth of other tests: it is checked here too.
-    reference, _ = reference_attention(query, cache.plain_keys, cache.plain_values,
-                                       cache.block_table, seq_lens, scale)
+    one_each = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    reference, _ = paged_prefix.reference(query, cache.plain_keys, cache.plain_values,
+                                          cache.block_table, seq_lens, one_each, scale)
     assert_matches_dense(reference, query, cache, requests, scale, dtype)
 
 
-@pytest.mark.parametrize("cpu", [True, False], ids=["cpu_kernel", "reference"])
+@pytest.mark.parametrize("cpu", [True, False], ids=["cpu_kernel", "logical_views"])
 def test_several_queries_per_request(cpu):
     """A draft tree level: each request's nodes all attend its whole prefix."""
     gen = torch.Generator().manual_seed(5)
@@ -143,12 +145,12 @@ def test_several_queries_per_request(cpu):
     assert_matches_dense(got, query, cache, requests, 0.125)
 
 
-def test_reference_fallback_reads_split_content_layout():
+def test_logical_views_read_the_flash_layout():
     gen = torch.Generator().manual_seed(1)
     seq_lens = torch.tensor([3, 300], dtype=torch.int32)
     cache = PagedCache(seq_lens.tolist(), 3, 64, torch.float32, gen)
     gpu_layout = torch.cat([cache.plain_keys, cache.plain_values], dim=-1)
-    keys, values = split_kv_cache(gpu_layout, "split_content")
+    keys, values = split_kv_cache(gpu_layout, "flash")
     query = torch.randn(2, 9, 64, generator=gen)
     got = paged_decode_attention(query, keys, values, cache.block_table, seq_lens,
                                  0.125, cpu_isa=None)
@@ -160,7 +162,7 @@ def test_split_kv_cache_views():
     keys, values = split_kv_cache(kv_cache, "cpu")
     page = kv_cache[1, 2].reshape(8, 5)
     assert torch.equal(keys[1, 2], page[:4]) and torch.equal(values[1, 2], page[4:])
-    keys, values = split_kv_cache(kv_cache, "split_content")
+    keys, values = split_kv_cache(kv_cache, "flash")
     assert torch.equal(keys, kv_cache[..., :5])
     assert torch.equal(values, kv_cache[..., 5:])
     assert keys.data_ptr() == kv_cache.data_ptr(), "views, not copies"

@@ -17,14 +17,14 @@ def _window_cache(lengths, gen):
     shuffled block table; also returned as plain [B, max_len, heads, head] rows."""
     from vllm import _custom_ops as ops
 
-    from vllm_longspec.attention.cpu_cache import split_kv_pages
+    from vllm_longspec.attention.kv_cache import split_kv_cache
 
     max_blocks = -(-max(lengths) // BLOCK_SIZE)
     num_blocks = len(lengths) * max_blocks + 1
     order = torch.randperm(num_blocks - 1, generator=gen) + 1
     block_table = order[: len(lengths) * max_blocks].view(len(lengths), max_blocks)
     kv_cache = torch.zeros(num_blocks, KV_HEADS, BLOCK_SIZE, 2 * HEAD)
-    key_half, value_half = split_kv_pages(kv_cache)
+    key_half, value_half = split_kv_cache(kv_cache, "cpu")
     keys = torch.randn(len(lengths), max(lengths), KV_HEADS, HEAD, generator=gen)
     values = torch.randn(len(lengths), max(lengths), KV_HEADS, HEAD, generator=gen)
     for b, n in enumerate(lengths):

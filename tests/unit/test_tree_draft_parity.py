@@ -165,7 +165,7 @@ class PagedCaches:
     def __init__(self, target_kv, window_kv, gen):
         from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-        from vllm_longspec.model.paged_attention import split_kv_cache
+        from vllm_longspec.attention.kv_cache import split_kv_cache
 
         kv_heads, head = TARGET_CONFIG["num_key_value_heads"], TARGET_CONFIG["head_dim"]
         self.isa = _get_attn_isa(torch.float32, BLOCK_SIZE, head)
@@ -177,7 +177,7 @@ class PagedCaches:
     def _write(self, kv_per_request, gen):
         from vllm import _custom_ops as ops
 
-        from vllm_longspec.model.paged_attention import split_kv_cache
+        from vllm_longspec.attention.kv_cache import split_kv_cache
 
         blocks = [-(-len(keys) // BLOCK_SIZE) for keys, _ in kv_per_request]
         num_blocks = sum(blocks) + 2

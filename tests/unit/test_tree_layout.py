@@ -9,7 +9,7 @@ import types
 import numpy as np
 import torch
 
-from vllm_longspec.attention.cpu_cache import gather_kv_tokens, split_kv_pages
+from vllm_longspec.attention.kv_cache import gather_kv_tokens, split_kv_cache
 from vllm_longspec.runner.layout import (
     commit_accepted_paths,
     place_nodes_at_depths,
@@ -34,7 +34,7 @@ def _runner(positions, input_ids, query_start_loc, slots):
     layers = {}
     for name in ("layers.0.attn", "layers.1.attn"):
         kv_cache = torch.zeros(8, HEADS, BLOCK, 2 * HEAD)
-        key_half, value_half = split_kv_pages(kv_cache)
+        key_half, value_half = split_kv_cache(kv_cache, "cpu")
         # token at batch index t has keys t + layer and values -t (recognisable)
         tokens = torch.arange(len(slots), dtype=torch.float32)
         keys = (tokens + len(layers))[:, None, None].expand(-1, HEADS, HEAD).contiguous()
@@ -71,7 +71,7 @@ def test_nodes_at_depths_then_accepted_path_in_chain_layout():
     assert input_ids.tolist() == [100, 101, 102, 200, 202, 204, 205, 204, 205]
     for offset, (name, layer) in enumerate(runner.vllm_config.compilation_config
                                            .static_forward_context.items()):
-        keys, values = gather_kv_tokens(*split_kv_pages(layer.kv_cache), slots, "vec")
+        keys, values = gather_kv_tokens(*split_kv_cache(layer.kv_cache, "cpu"), slots, "vec")
         # whose K/V row 1's query slots hold now: the root, then nodes 1, 3, 4
         # (node i was written at batch index 3 + 1 + i)
         holder = [3, 5, 7, 8]

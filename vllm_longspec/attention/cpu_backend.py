@@ -32,9 +32,9 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_longspec.attention.cpu_cache import split_kv_pages
 from vllm_longspec.attention.cpu_extension import load_cpu_extension
-from vllm_longspec.attention.cpu_hybrid import hybrid_attention
+from vllm_longspec.attention.hybrid import hybrid_attention
+from vllm_longspec.attention.kv_cache import split_kv_cache
 from vllm_longspec.attention.tree_rows import (
     TreeRows,
     check_impl_supports_trees,
@@ -169,7 +169,7 @@ class HybridCPUAttentionImpl(CPUAttentionBackendImpl):
     def forward_planned(self, layer, query, key, value, kv_cache, plan: HybridPlan,
                         output) -> torch.Tensor:
         """The planned rows with hybrid attention, the others with vLLM's kernel."""
-        key_half, value_half = split_kv_pages(kv_cache)
+        key_half, value_half = split_kv_cache(kv_cache, "cpu")
         if plan.stock is not None:
             self._stock_rows(layer, query, key_half, value_half, plan.stock, output)
         tree = plan.tree

@@ -34,10 +34,10 @@ from vllm.v1.attention.backends.flash_attn import (
     FlashAttentionMetadataBuilder,
 )
 
+from vllm_longspec.attention.masked_spec import masked_spec_attention
+from vllm_longspec.attention.merge import merge_attention_states
+from vllm_longspec.attention.paged_prefix import paged_prefix_attention
 from vllm_longspec.attention.tree_rows import TreeRows, check_impl_supports_trees
-from vllm_longspec.kernels import masked_spec_attention as masked_kernel
-from vllm_longspec.kernels import merge_attention_states as merge_kernel
-from vllm_longspec.kernels import paged_prefix_attention as prefix_kernel
 
 # (query, key_cache, value_cache, plan, scale) -> (out, lse [tokens, heads] fp32);
 # caches in FlashAttention's layout [num_blocks, block_size, num_kv_heads, head].
@@ -46,7 +46,7 @@ PrefixFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 def triton_prefix(query, key_cache, value_cache, plan: TreeRows, scale: float):
     """The Triton FlashDecoding prefix kernel over the same pages."""
-    return prefix_kernel.paged_prefix_attention(
+    return paged_prefix_attention(
         query, key_cache.transpose(1, 2), value_cache.transpose(1, 2), plan.block_table,
         plan.prefix_lens, plan.query_start_loc, scale,
         max_tokens_per_req=plan.max_query_len, max_prefix_len=plan.max_prefix_len)
@@ -97,11 +97,11 @@ def verify_tree_rows(query, key, value, key_cache, value_cache, plan: TreeRows,
     their tokens (``plan.token_index`` order); caches in FlashAttention's layout.
     Returns ``[num_tree_tokens, num_heads, head_size]`` in the query dtype."""
     prefix_out, prefix_lse = prefix(query, key_cache, value_cache, plan, scale)
-    tree_out, tree_lse = masked_kernel.masked_spec_attention(
+    tree_out, tree_lse = masked_spec_attention(
         query, key, value, plan.query_start_loc, plan.ancestor_bits, scale,
         max_tokens_per_req=plan.max_query_len)
-    out, _ = merge_kernel.merge_attention_states(prefix_out, prefix_lse, tree_out,
-                                                 tree_lse, out=torch.empty_like(query))
+    out, _ = merge_attention_states(prefix_out, prefix_lse, tree_out, tree_lse,
+                                    out=torch.empty_like(query))
     return out
 
 

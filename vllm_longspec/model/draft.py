@@ -18,7 +18,8 @@ Memory: the self-attention is a vLLM ``Attention`` layer with a sliding window,
 so vLLM gives it its own KV cache group whose blocks outside the window are
 freed: the draft's KV per request is bounded by the window, not the context.
 The cross-attention has no KV of its own: it reads the target's last-layer
-cache blocks through the target's block table (see ``paged_attention.py``).
+cache blocks through the target's block table
+(``attention/paged_prefix.paged_decode_attention``).
 
 What a forward reads besides tokens and positions arrives as one argument,
 ``DraftInputs`` (``draft_inputs.py``: from the tree drafter directly, from the
@@ -58,6 +59,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
+from vllm_longspec.attention.paged_prefix import paged_decode_attention
 from vllm_longspec.config import LongSpecSettings
 from vllm_longspec.model.checkpoint import DRAFT_VOCAB, canonical_name, map_param_name
 from vllm_longspec.model.draft_inputs import (
@@ -66,13 +68,18 @@ from vllm_longspec.model.draft_inputs import (
     DraftRound,
 )
 from vllm_longspec.model.level_attention import LevelSelfAttention
-from vllm_longspec.model.paged_attention import paged_decode_attention
 
 
 def _head_dim(config) -> int:
     return getattr(config, "head_dim", None) or (
         config.hidden_size // config.num_attention_heads
     )
+
+
+def _output_projection(config, head_dim: int, prefix: str) -> RowParallelLinear:
+    """All heads back to the hidden size (no bias), as in the target."""
+    return RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
+                             bias=False, prefix=f"{prefix}.o_proj")
 
 
 def _tp_size() -> int:
@@ -102,12 +109,7 @@ class LongSpecSelfAttention(nn.Module):
             bias=True,
             prefix=f"{prefix}.qkv_proj",
         )
-        self.o_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim,
-            config.hidden_size,
-            bias=False,
-            prefix=f"{prefix}.o_proj",
-        )
+        self.o_proj = _output_projection(config, self.head_dim, prefix)
         self.rotary_emb = _target_rope(self.head_dim, rope_config)
         # vLLM's window counts the query itself; LongSpec's counts the tokens
         # before it ("a query sees itself and the 512 previous tokens").
@@ -146,12 +148,7 @@ class LongSpecCrossAttention(nn.Module):
             bias=True,
             prefix=f"{prefix}.q_proj",
         )
-        self.o_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim,
-            config.hidden_size,
-            bias=False,
-            prefix=f"{prefix}.o_proj",
-        )
+        self.o_proj = _output_projection(config, self.head_dim, prefix)
         self.rotary_emb = _target_rope(self.head_dim, rope_config)
 
     def forward(

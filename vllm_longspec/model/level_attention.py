@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_longspec.attention.cpu_cache import gather_kv_tokens, split_kv_pages
+from vllm_longspec.attention.kv_cache import gather_kv_tokens, split_kv_cache
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class DraftWindow:
         cpu_isa: str,
     ) -> DraftWindow:
         """Positions [root - window + 1, root]: all of the cache a node can see."""
-        key_half, value_half = split_kv_pages(kv_cache)
+        key_half, value_half = split_kv_cache(kv_cache, "cpu")
         block_size = key_half.shape[2]
         offsets = torch.arange(1 - window, 1, device=root_positions.device)
         positions = root_positions.long().unsqueeze(1) + offsets  # [B, L]

@@ -59,7 +59,7 @@ def apply() -> None:
             self.drafter = LongSpecProposer(self.vllm_config, self.device, self)
             if self.drafter.tree_rounds is not None:
                 from vllm_longspec.patches import attention_backend
-                from vllm_longspec.runner.tree_sampler import TreeRejectionSampler
+                from vllm_longspec.runner.verification import TreeRejectionSampler
 
                 attention_backend.register()
                 self.rejection_sampler = TreeRejectionSampler(

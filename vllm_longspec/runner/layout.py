@@ -26,7 +26,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from vllm_longspec.attention.cpu_cache import move_kv_tokens
+from vllm_longspec.attention.kv_cache import move_kv_tokens
 from vllm_longspec.runner.step import ProposedTree, TargetKVGroups
 
 

@@ -60,9 +60,9 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.platforms import current_platform
 from vllm.v1.spec_decode.draft_model import DraftModelProposer
 
+from vllm_longspec.attention.kv_cache import split_kv_cache
 from vllm_longspec.config import LongSpecConfig, LongSpecSettings
 from vllm_longspec.model.draft_inputs import CrossAttentionInputs, DraftRound
-from vllm_longspec.model.paged_attention import split_kv_cache
 from vllm_longspec.runner.adaptive_chains import AdaptiveChains
 from vllm_longspec.runner.sampling import batch_sampling
 from vllm_longspec.runner.step import TreeRounds
@@ -200,7 +200,7 @@ class LongSpecProposer(DraftModelProposer):
         ]
         on_cpu = current_platform.is_cpu()
         key_cache, value_cache = split_kv_cache(
-            target_layer.kv_cache, "cpu" if on_cpu else "split_content"
+            target_layer.kv_cache, "cpu" if on_cpu else "flash"
         )
         block_table = self.runner.input_batch.block_table[self.target_kv_cache_gid]
         return CrossAttentionInputs(

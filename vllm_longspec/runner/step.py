@@ -16,7 +16,7 @@ A ``TreeStep`` lives from input preparation to verification, in this order:
    the nodes at root + depth;
 2. ``patches/attention_metadata.py`` hands its ``ancestor_masks`` to the
    target layers' attention metadata builders (hybrid tree attention);
-3. ``tree_sampler.TreeRejectionSampler`` takes it (``end_step``), verifies its
+3. ``verification.TreeRejectionSampler`` takes it (``end_step``), verifies its
    rows and moves the accepted paths' K/V;
 4. the proposer drafts the next trees and hands them over (``propose``).
 

@@ -1,6 +1,16 @@
-"""One target forward's verification, in the layout of vLLM's rejection sampler.
+"""Tree mode's verification, in the place and the layout of vLLM's rejection sampler.
 
-Input as vLLM lays it out: row r of the batch scheduled ``num_drafts[r]``
+The runner calls ``rejection_sampler(metadata, draft_probs, logits,
+sampling_metadata)`` after every target forward that carried drafts. For a step
+that verifies trees (the ``TreeStep`` it takes from ``TreeRounds.end_step``),
+``TreeRejectionSampler`` verifies the whole batch with ``verify_step``, moves
+each accepted path to where vLLM expects it (``layout.commit_accepted_paths``)
+and returns vLLM's ``SamplerOutput``: row r holds its accepted tokens then the
+bonus token, so the scheduler's accounting (computed tokens, spec-decode
+metrics: a accepted of N drafted) follows unchanged. Any other step goes to
+vLLM's own sampler.
+
+``verify_step`` takes the batch as vLLM lays it out: row r of the batch scheduled ``num_drafts[r]``
 draft tokens after its root and got ``num_drafts[r] + 1`` rows of target
 logits, one per slot (root first), rows of consecutive requests following each
 other. A row is verified as:
@@ -27,12 +37,37 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from vllm.v1.outputs import SamplerOutput
 
-from vllm_longspec.runner.step import ProposedTree
+from vllm_longspec.runner.layout import commit_accepted_paths
+from vllm_longspec.runner.sampling import batch_sampling
+from vllm_longspec.runner.step import ProposedTree, TreeRounds
 from vllm_longspec.tree import BatchSampling, DraftTree, verify
 from vllm_longspec.tree.verify import first_child_draft_probs
 
 PLACEHOLDER_TOKEN_ID = -1  # vLLM's rejection_sampler.PLACEHOLDER_TOKEN_ID
+
+
+class TreeRejectionSampler(nn.Module):
+    def __init__(self, chain_sampler: nn.Module, runner, rounds: TreeRounds):
+        super().__init__()
+        self.chain_sampler = chain_sampler  # vLLM's RejectionSampler
+        self.runner = runner
+        self.rounds = rounds
+
+    def forward(self, metadata, draft_probs, logits, sampling_metadata) -> SamplerOutput:
+        step = self.rounds.end_step()
+        if step is None:
+            return self.chain_sampler(metadata, draft_probs, logits, sampling_metadata)
+        num_drafts = metadata.num_draft_tokens
+        result = verify_step(
+            step.trees, num_drafts, metadata.draft_token_ids, logits.float(),
+            batch_sampling(sampling_metadata, len(num_drafts)))
+        commit_accepted_paths(self.runner, self.rounds.target_kv_groups, step.trees,
+                              result.accepted_paths)
+        return SamplerOutput(sampled_token_ids=result.sampled_token_ids,
+                             logprobs_tensors=None)
 
 
 @dataclass(frozen=True)

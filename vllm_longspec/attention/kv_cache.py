@@ -1,10 +1,19 @@
-"""vLLM's CPU KV cache packing, decoded.
+"""vLLM's KV cache layouts: the one split of a layer's cache into K and V, and
+the CPU packing, decoded.
 
-vLLM's CPU backend (``CPU_ATTN``) allocates one tensor per layer, logically
-``[num_blocks, num_kv_heads, block_size, 2 * head_size]``, and reads each
-(block, kv head) page as ``[2 * block_size, head_size]``: the first
-``block_size * head_size`` elements hold the keys, the rest the values. Inside a
-half, ``cpu_attn_reshape_and_cache`` writes an ISA-specific order (found by
+vLLM allocates one tensor per layer, logically
+``[num_blocks, num_kv_heads, block_size, 2 * head_size]``. How K and V share it
+depends on the backend; ``split_kv_cache`` returns strided K and V views
+``[num_blocks, num_kv_heads, block_size, head_size]`` of either (no copy):
+
+- ``"cpu"`` (``CPU_ATTN``): each (block, kv head) page is
+  ``[2 * block_size, head_size]``, the first half the keys, the second the
+  values, each packed in an ISA-specific order that vLLM's CPU kernels read;
+  the views are those packed halves, as vLLM's CPU backend passes them;
+- ``"flash"`` (FlashAttention's layout): per token, K and V side by side in the
+  last dimension; plain token rows.
+
+Inside a CPU half, ``cpu_attn_reshape_and_cache`` writes an ISA-specific order (found by
 writing known values with vLLM's own op; ``tests/kernels/test_cpu_cache.py``
 pins it for every ISA and dtype):
 
@@ -31,19 +40,28 @@ them back with vLLM's own op).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 
 STRIDED_ISAS = ("vec", "vec16")
 DECODED_ISAS = ("vec", "vec16", "amx")
+KVLayout = Literal["cpu", "flash"]
 
 
-def split_kv_pages(
+def split_kv_cache(
     kv_cache: torch.Tensor,  # [num_blocks, num_kv_heads, block_size, 2 * head_size]
+    layout: KVLayout,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The key and value halves exactly as vLLM's CPU backend passes them."""
+    """Views ``(key_cache, value_cache)``, each [num_blocks, kv_heads, block, head]."""
     num_blocks, num_kv_heads, block_size, two_head = kv_cache.shape
-    pages = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, two_head // 2)
-    return pages[:, :, :block_size], pages[:, :, block_size:]
+    head_size = two_head // 2
+    if layout == "cpu":
+        pages = kv_cache.view(num_blocks, num_kv_heads, 2 * block_size, head_size)
+        return pages[:, :, :block_size], pages[:, :, block_size:]
+    if layout == "flash":
+        return kv_cache[..., :head_size], kv_cache[..., head_size:]
+    raise ValueError(f"unknown KV cache layout {layout!r}")
 
 
 def logical_kv_views(
@@ -118,7 +136,7 @@ def move_kv_tokens(
     """Copy the K/V stored at ``src_slots`` to ``dst_slots`` (all read first)."""
     from vllm import _custom_ops as ops
 
-    key_half, value_half = split_kv_pages(kv_cache)
+    key_half, value_half = split_kv_cache(kv_cache, "cpu")
     keys, values = gather_kv_tokens(key_half, value_half, src_slots, isa)
     ops.cpu_attn_reshape_and_cache(keys, values, key_half, value_half,
                                    dst_slots.long(), isa)
@@ -139,5 +157,5 @@ def _check_page_interior(key_half: torch.Tensor, value_half: torch.Tensor) -> No
         if half.dim() != 4 or half.stride(3) != 1 or half.stride(2) != half.shape[3]:
             raise ValueError(
                 f"{name} half must be a page view [num_blocks, num_kv_heads, block_size, "
-                f"head_size] with contiguous pages (as split_kv_pages returns); got shape "
+                f"head_size] with contiguous pages (as split_kv_cache returns); got shape "
                 f"{tuple(half.shape)} strides {half.stride()}")

@@ -1,1 +1,0 @@
-"""Plain-torch references: slow, obviously correct, same signatures as the fast paths."""
