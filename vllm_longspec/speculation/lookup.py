@@ -62,9 +62,13 @@ NO_MATCH = LookupProposal(_EMPTY, 0, 0, 0)
 
 @dataclass(frozen=True)
 class LookupRule:
-    """Use the lookup proposal for a chain when its match is at least ``min_match`` long."""
+    """Use the lookup proposal for a chain when its match is at least ``min_match`` long.
 
-    min_match: int
+    The default is measured with the shipped draft (benchmarks/results/lookup_rule.md):
+    its lookup beat the draft at every match length; a stronger draft raises it.
+    """
+
+    min_match: int = 1
 
     def accepts(self, match_len: int) -> bool:
         return match_len >= self.min_match
