@@ -1,7 +1,8 @@
 """Test-only patch: the test suite's proposer modes and marker file.
 
 Target: LongSpec's own classes, not vLLM's: ``LongSpecProposer``
-    (``_adaptive_chains``, ``_propose_chain``, ``_draft_trees``) and
+    (``_adaptive_chains``, ``_propose_chain``, ``_propose_trees``,
+    ``_draft_trees``) and
     ``HybridCPUAttentionImpl.forward_planned``.
 Why: engine tests need multi-token acceptance from a random draft (replayed
     proposals, ``testing.TestProposer``), the draft's logits for the parity
@@ -28,6 +29,7 @@ TEST_ENV_VARS = (ENV_VAR, RECORD_ENV_VAR, USED_MARKER_ENV)
 
 _orig__adaptive_chains = None
 _orig__propose_chain = None
+_orig__propose_trees = None
 _orig__draft_trees = None
 _orig_forward_planned = None
 
@@ -38,7 +40,7 @@ def requested() -> bool:
 
 def apply() -> None:
     global _orig__adaptive_chains, _orig__propose_chain, _orig__draft_trees
-    global _orig_forward_planned
+    global _orig__propose_trees, _orig_forward_planned
     from vllm_longspec.attention.cpu_backend import HybridCPUAttentionImpl
     from vllm_longspec.runner.proposer import LongSpecProposer
 
@@ -48,7 +50,11 @@ def apply() -> None:
     marker = os.environ.get(USED_MARKER_ENV)
     _orig__adaptive_chains = LongSpecProposer._adaptive_chains
     _orig__propose_chain = LongSpecProposer._propose_chain
+    _orig__propose_trees = LongSpecProposer._propose_trees
     _orig__draft_trees = LongSpecProposer._draft_trees
+    # [num_reqs] this round's tree roots (the bonus tokens), for the tree
+    # replay: set by _propose_trees around the round, read by _draft_trees
+    round_roots: list = []
     _orig_forward_planned = HybridCPUAttentionImpl.forward_planned
 
     @functools.wraps(_orig__adaptive_chains)
@@ -71,10 +77,21 @@ def apply() -> None:
             recorder.save(captured, draft_token_ids, self.runner,
                           cross_attention.committed_lens)
         if test_proposer is not None:
+            # first_pass[3]: next_token_ids, each request's bonus token
             draft_token_ids = test_proposer.override(draft_token_ids, self.runner,
-                                                     cross_attention.committed_lens)
+                                                     cross_attention.committed_lens,
+                                                     first_pass[3])
             self._last_draft_probs = None  # replayed drafts are deterministic
         return draft_token_ids
+
+    @functools.wraps(_orig__propose_trees)
+    def _propose_trees(self, cross_attention, window_block_table, *first_pass, **kwargs):
+        round_roots.append(first_pass[3])  # next_token_ids: the trees' roots
+        try:
+            return _orig__propose_trees(self, cross_attention, window_block_table,
+                                        *first_pass, **kwargs)
+        finally:
+            round_roots.clear()
 
     @functools.wraps(_orig__draft_trees)
     def _draft_trees(self, root_hidden, cross_attention, *args, **kwargs):
@@ -82,7 +99,8 @@ def apply() -> None:
         if test_proposer is None:
             return beam
         return test_proposer.override_tree(beam, self.runner,
-                                           cross_attention.committed_lens)
+                                           cross_attention.committed_lens,
+                                           round_roots[0])
 
     @functools.wraps(_orig_forward_planned)
     def forward_planned(self, *args, **kwargs):
@@ -93,5 +111,6 @@ def apply() -> None:
 
     LongSpecProposer._adaptive_chains = _adaptive_chains
     LongSpecProposer._propose_chain = _propose_chain
+    LongSpecProposer._propose_trees = _propose_trees
     LongSpecProposer._draft_trees = _draft_trees
     HybridCPUAttentionImpl.forward_planned = forward_planned
