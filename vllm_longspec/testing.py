@@ -18,7 +18,8 @@ prompt). Proposals are deterministic
 A prompt may be recorded with several continuations (sampled requests): each
 request replays the first one that agrees with the tokens it has produced so
 far, e.g. the target's likeliest next token after each likely first token.
-The variable is read in the worker process; production never sets it.
+The variable is read in the worker process, where `patches/testing.py` installs
+these modes around the proposer; production never sets it.
 
 Trees (``override_tree``): the recorded continuation is put on one branch of
 the drafted beam tree, keeping its shape: at each depth on a child of the
