@@ -188,6 +188,9 @@ async def run_rounds(base: str, port: int, log: Path, work: Workload,
     async with httpx.AsyncClient(limits=limits) as http:
         out["probes_fresh"] = await probe_pass(http, base, work)
         out["probes_cached"] = await probe_pass(http, base, work)
+        if memprobe_dir is not None:  # starts tracing: later reports diff with this
+            out["memprobe_baseline"] = memprobe_control.snapshot(
+                memprobe_dir, "baseline", processes)
         for r in range(s.rounds):
             if time.perf_counter() - started > s.time_limit_s:
                 out["stopped_after_rounds"] = r

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 import tracemalloc
+import warnings
 from pathlib import Path
 
 FRAMES = 8
@@ -18,7 +19,8 @@ POLL_S = 0.5
 
 
 def start(directory: str) -> None:
-    tracemalloc.start(FRAMES)
+    """Start the watching thread; tracemalloc starts at the first request (it
+    would slow the server's start-up many times over)."""
     threading.Thread(target=_watch, args=(Path(directory),), daemon=True,
                      name="memprobe").start()
     os.register_at_fork(after_in_child=lambda: start(directory))
@@ -37,6 +39,8 @@ def _watch(directory: Path) -> None:
         if label == seen or not label:
             continue
         seen = label
+        if not tracemalloc.is_tracing():
+            tracemalloc.start(FRAMES)
         snapshot = tracemalloc.take_snapshot().filter_traces(
             [tracemalloc.Filter(False, tracemalloc.__file__)])
         if baseline is None:
@@ -75,16 +79,25 @@ def _tensors() -> dict:
         return {}
     shapes = collections.Counter()
     count = nbytes = 0
-    for obj in gc.get_objects():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        objects = gc.get_objects()
+        tensors = [o for o in objects if _is_tensor(o, torch)]
+    for obj in tensors:
         try:
-            if not isinstance(obj, torch.Tensor):
-                continue
             count += 1
             nbytes += obj.element_size() * obj.nelement()
             shapes[f"{tuple(obj.shape)} {obj.dtype}"] += 1
         except Exception:  # noqa: BLE001 - half-built objects during gc
             continue
     return {"count": count, "mib": nbytes / 2**20, "shapes": dict(shapes.most_common(TOP))}
+
+
+def _is_tensor(obj, torch) -> bool:
+    try:
+        return isinstance(obj, torch.Tensor)
+    except Exception:  # noqa: BLE001 - objects whose __class__ lookup fails
+        return False
 
 
 def _grown(snapshot, baseline) -> list[dict]:
