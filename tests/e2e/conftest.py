@@ -1,13 +1,32 @@
-"""End-to-end fixtures: long prompts from real source files, engine jobs.
+"""End-to-end fixtures: long prompts from real source files, shared engines.
 
 Prompts: 8 prompts of 1.1k-7k tokens cut from Python standard-library modules
 (real, long, present wherever Python is), alternately a raw code continuation
-and a chat request to explain the code. Engines run in subprocesses via
-``engine_job.py``; the plain-decoding reference is computed once per session.
+and a chat request to explain the code. The greedy checks run on four of them
+(1.1k and 4.3k tokens of code, 3.5k and 7k tokens of chat: ``greedy_prompts``),
+each engine prefilling them once; their variants drop the last token (other
+prompts, so the replaying test proposer can treat them differently, that share
+every full prefix-cache block with the originals). One at a time, engines run
+the shortest and the longest (``SINGLE``).
+
+Engines run in subprocesses via ``engine_job.py``. Starting one costs more
+than most checks, so each configuration below starts once per session and
+runs every phase its tests need; the tests assert on its phases:
+
+- ``plain_run``: plain float32 decoding, the reference of every greedy check;
+- ``random_chain_run``: a random draft, chains with the default settings;
+- ``replay_chain_run``: the random draft with the replaying test proposer
+  (``vllm_longspec/testing.py``): full acceptance, rejections, the oracle;
+- ``shipped_chain_run``: the shipped draft's chains, probabilistic drafting;
+- ``shipped_tree_run(shape)``: the shipped draft's trees, own and replayed.
+
+Engines whose configuration one test alone needs (a small KV cache, the
+hybrid backend on chains, a trained or recording draft) stay in that test.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import subprocess
@@ -16,11 +35,25 @@ from pathlib import Path
 
 import pytest
 
+from .distribution import PROMPT, SecondToken, oracle_sequences, sampled_phase
+from .seeded import SEEDED_PROMPT, seeded_phases
+
 JOB_SCRIPT = Path(__file__).with_name("engine_job.py")
+SHIPPED = Path(__file__).parents[2] / "vllm_longspec" / "drafts" / "smollm2-135m-instruct"
 PROMPT_LENGTHS = (1100, 1900, 2700, 3500, 4300, 5100, 6000, 7000)
 SOURCE_MODULES = ("argparse", "difflib", "typing", "inspect", "pathlib",
                   "fractions", "dataclasses", "tarfile")
+GREEDY = (0, 3, 4, 7)  # indices of the greedy checks' prompts
+SINGLE = (0, 3)  # indices into GREEDY of the one-at-a-time passes
 MAX_TOKENS = 48
+K = 4  # chain length of the chain engines
+# Preemption: the first 4 prompts (9.2k tokens), 200 tokens each (ignore_eos).
+PREEMPT_PROMPTS, PREEMPT_TOKENS = 4, 200
+TREES = {"narrow": [2, 2, 2], "wide": [4, 4, 4, 4]}
+FULL_ACCEPTANCE, CHAIN_REJECTIONS, TREE_REJECTIONS = 0, 3, 5  # corrupt_every
+# The draft's window bounded on prompts of 8 and 56 blocks of 128 tokens, plus
+# the same offset inside a block (1074 and 7218 tokens).
+KV_PROBE_LENGTHS = (8 * 128 + 50, 56 * 128 + 50)
 
 
 def _module_source(name: str) -> str:
@@ -56,6 +89,28 @@ def long_prompts(tokenizer) -> list[list[int]]:
     return prompts
 
 
+@pytest.fixture(scope="session")
+def greedy_prompts(long_prompts) -> list[list[int]]:
+    return [long_prompts[i] for i in GREEDY]
+
+
+@pytest.fixture(scope="session")
+def variant_prompts(greedy_prompts) -> list[list[int]]:
+    return [prompt[:-1] for prompt in greedy_prompts]
+
+
+def single(prompts: list[list[int]]) -> list[list[int]]:
+    """The prompts of a one-at-a-time pass."""
+    return [prompts[i] for i in SINGLE]
+
+
+@pytest.fixture(scope="session")
+def sampled_prompt(tokenizer) -> list[int]:
+    ids = tokenizer(PROMPT)["input_ids"]
+    assert len(ids) > 128, "one full prefix-cache block and more"
+    return ids
+
+
 def run_engine_job(tmp_path: Path, job: dict, timeout: int = 1500) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
     job_file, result_file = tmp_path / "job.json", tmp_path / "result.json"
@@ -64,25 +119,181 @@ def run_engine_job(tmp_path: Path, job: dict, timeout: int = 1500) -> dict:
                            str(result_file)], capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"engine job failed:\n{proc.stderr[-6000:]}")
-    return json.loads(result_file.read_text())
+        log = tmp_path / "stderr.log"
+        log.write_text(proc.stderr)
+        # the engine core's traceback comes well before the front end's
+        cause = [line for line in proc.stderr.splitlines()
+                 if "Error" in line or "error:" in line][-20:]
+        raise AssertionError("engine job failed (whole log: {}):\n{}\n...\n{}".format(
+            log, "\n".join(cause), proc.stderr[-3000:]))
+    result = json.loads(result_file.read_text())
+    print(json.dumps({"engine_job": tmp_path.name,
+                      "startup_s": round(result["startup_seconds"], 1),
+                      "phases_s": {name: round(phase["seconds"], 1)
+                                   for name, phase in result["phases"].items()}}))
+    return result
+
+
+def _first_difference(got: list[int], want: list[int]) -> int:
+    common = min(len(got), len(want))
+    return next((j for j in range(common) if got[j] != want[j]), common)
+
+
+def assert_identical(outputs: list[list[int]], reference: list[list[int]]) -> None:
+    for i, (got, want) in enumerate(zip(outputs, reference, strict=True)):
+        assert got == want, f"prompt {i}: first difference at token " + str(
+            _first_difference(got, want))
+
+
+def replayed(prompts, outputs, corrupt_every: int) -> list[dict]:
+    """Recorded continuations for the replaying test proposer."""
+    return [{"prompt_token_ids": p, "output_token_ids": o, "corrupt_every": corrupt_every}
+            for p, o in zip(prompts, outputs, strict=True)]
+
+
+def replay_env(path: Path, sequences: list[dict]) -> dict:
+    """The engine environment that replays ``sequences`` (written to ``path``)."""
+    path.write_text(json.dumps({"sequences": sequences}))
+    return {"VLLM_LONGSPEC_TEST_PROPOSER": json.dumps({"replay": str(path)})}
+
+
+def chain(draft_dir, **options) -> dict:
+    return {"method": "longspec", "model": str(draft_dir), "num_speculative_tokens": K,
+            **options}
 
 
 @pytest.fixture(scope="session")
-def plain_outputs(tmp_path_factory, target_dir, long_prompts) -> list[list[int]]:
-    """Plain vLLM greedy decoding, float32: the reference for every LongSpec run."""
-    result = run_engine_job(tmp_path_factory.mktemp("plain"), {
-        "model": str(target_dir), "prompts": long_prompts, "max_tokens": MAX_TOKENS,
-        "phases": [{"name": "batch", "mode": "batch"}],
-    })
-    return result["phases"]["batch"]["token_ids"]
+def seeded(long_prompts, greedy_prompts) -> list[dict]:
+    """The seeded-request phases (``seeded.py``): a prompt no other check uses,
+    batched with three greedy prompts."""
+    return seeded_phases(long_prompts[SEEDED_PROMPT], greedy_prompts[:3])
 
 
 @pytest.fixture(scope="session")
-def recorded_continuations(tmp_path_factory, long_prompts, plain_outputs) -> Path:
-    """The plain run's continuations, for the replaying test proposer."""
-    path = tmp_path_factory.mktemp("replay") / "recorded.json"
-    path.write_text(json.dumps({"sequences": [
-        {"prompt_token_ids": p, "output_token_ids": o}
-        for p, o in zip(long_prompts, plain_outputs, strict=True)]}))
-    return path
+def plain_run(tmp_path_factory, target_dir, long_prompts, greedy_prompts,
+              variant_prompts, seeded) -> dict:
+    """Plain vLLM, float32: greedy references (the greedy prompts, their
+    variants, the preemption workload) and seeded requests."""
+    return run_engine_job(tmp_path_factory.mktemp("plain"), {
+        "model": str(target_dir), "prompts": greedy_prompts, "max_tokens": MAX_TOKENS,
+        "phases": [{"name": "batch", "mode": "batch"},
+                   {"name": "variants", "mode": "batch", "prompts": variant_prompts},
+                   {"name": "preempt", "mode": "batch",
+                    "prompts": long_prompts[:PREEMPT_PROMPTS],
+                    "max_tokens": PREEMPT_TOKENS, "ignore_eos": True},
+                   *seeded],
+    })["phases"]
+
+
+@pytest.fixture(scope="session")
+def plain_outputs(plain_run) -> list[list[int]]:
+    return plain_run["batch"]["token_ids"]
+
+
+@pytest.fixture(scope="session")
+def random_chain_run(tmp_path_factory, target_dir, random_draft_dir, long_prompts,
+                     greedy_prompts) -> dict:
+    """The random draft's chains, default settings (adaptive chains, context
+    lookup): the greedy prompts batched, then two of them one at a time
+    (prefix-cache hits), then the draft's KV bytes per step on a short and a
+    long prompt (engine core in-process, to read its block tables)."""
+    source = [t for p in long_prompts for t in p]
+    return run_engine_job(tmp_path_factory.mktemp("random_chain"), {
+        "model": str(target_dir), "prompts": greedy_prompts, "max_tokens": MAX_TOKENS,
+        "speculative_config": chain(random_draft_dir),
+        "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
+        "phases": [{"name": "batch", "mode": "batch"},
+                   {"name": "single", "mode": "single", "prompts": single(greedy_prompts)},
+                   {"name": "kv", "mode": "kv_bytes", "reset_prefix_cache": True,
+                    "prompts": [source[:n] for n in KV_PROBE_LENGTHS],
+                    "max_tokens": 24, "ignore_eos": True}],
+    })["phases"]
+
+
+@pytest.fixture(scope="session")
+def oracle_law(target_dir, sampled_prompt) -> SecondToken:
+    return SecondToken(target_dir, sampled_prompt, {"temperature": 1.0})
+
+
+@pytest.fixture(scope="session")
+def topk_topp_law(target_dir, sampled_prompt) -> SecondToken:
+    return SecondToken(target_dir, sampled_prompt,
+                       {"temperature": 0.7, "top_k": 40, "top_p": 0.9})
+
+
+@pytest.fixture(scope="session")
+def replay_chain_run(tmp_path_factory, target_dir, random_draft_dir, greedy_prompts,
+                     variant_prompts, plain_run, sampled_prompt, oracle_law) -> dict:
+    """The random draft's chains with replayed proposals: the greedy prompts'
+    continuations (every draft right), their variants' (every third output
+    wrong), and the oracle's second tokens for seeded samples at temperature 1."""
+    root = tmp_path_factory.mktemp("replay_chain")
+    sequences = (replayed(greedy_prompts, plain_run["batch"]["token_ids"], FULL_ACCEPTANCE)
+                 + replayed(variant_prompts, plain_run["variants"]["token_ids"],
+                            CHAIN_REJECTIONS)
+                 + oracle_sequences(sampled_prompt, oracle_law))
+    return run_engine_job(root, {
+        "model": str(target_dir), "prompts": greedy_prompts, "max_tokens": MAX_TOKENS,
+        "max_num_seqs": 128, "speculative_config": chain(random_draft_dir),
+        "env": replay_env(root / "recorded.json", sequences),
+        "phases": [{"name": "accepted", "mode": "batch"},
+                   {"name": "rejected", "mode": "batch", "prompts": variant_prompts},
+                   sampled_phase("t1.0", sampled_prompt)],
+    })["phases"]
+
+
+@pytest.fixture(scope="session")
+def shipped_chain_run(tmp_path_factory, target_dir, greedy_prompts, seeded,
+                      sampled_prompt) -> dict:
+    """The shipped draft's chains, probabilistic drafting, every request the
+    full chain every step (no adaptive chains, no context lookup): two greedy
+    prompts one at a time, seeded requests, seeded samples at temperature 0.7
+    with top-k and top-p."""
+    return run_engine_job(tmp_path_factory.mktemp("shipped_chain"), {
+        "model": str(target_dir), "prompts": greedy_prompts[:2], "max_tokens": MAX_TOKENS,
+        "ignore_eos": True, "max_num_seqs": 128,
+        "speculative_config": chain(SHIPPED, draft_sample_method="probabilistic",
+                                    adaptive=False, context_lookup=False),
+        "phases": [{"name": "single", "mode": "single"}, *seeded,
+                   sampled_phase("t0.7-topk-topp", sampled_prompt)],
+    })["phases"]
+
+
+@pytest.fixture(scope="session")
+def shipped_tree_run(tmp_path_factory, target_dir, greedy_prompts, variant_prompts,
+                     plain_run, seeded, sampled_prompt):
+    """shape -> the shipped draft's trees of that shape: its own trees on the
+    greedy prompts, then the variants' continuations replayed on one branch of
+    each tree (cut at every fifth output), each batched and two of them one at
+    a time; narrow also: a refused request, seeded requests, seeded samples at
+    temperature 0.7 with top-k and top-p."""
+
+    @functools.cache
+    def run(shape: str) -> dict:
+        root = tmp_path_factory.mktemp(f"shipped_tree_{shape}")
+        sequences = replayed(variant_prompts, plain_run["variants"]["token_ids"],
+                             TREE_REJECTIONS)
+        narrow = shape == "narrow"
+        extra = ([{"name": "refused", "mode": "refused",
+                   "sampling": {"repetition_penalty": 1.1}}, *seeded,
+                  sampled_phase("t0.7-topk-topp", sampled_prompt)] if narrow else [])
+        result = run_engine_job(root, {
+            "model": str(target_dir), "prompts": greedy_prompts, "max_tokens": MAX_TOKENS,
+            # sampled requests: 128 a step, 7 tree tokens each
+            "max_num_seqs": 128 if narrow else 8,
+            "speculative_config": {"method": "longspec", "model": str(SHIPPED),
+                                   "tree": TREES[shape]},
+            "env": {**replay_env(root / "recorded.json", sequences),
+                    "VLLM_LONGSPEC_HYBRID_USED_MARKER": str(root / "hybrid-used")},
+            "phases": [{"name": "own_batch", "mode": "batch"},
+                       {"name": "own_single", "mode": "single",
+                        "prompts": single(greedy_prompts)},
+                       {"name": "replay_batch", "mode": "batch", "prompts": variant_prompts},
+                       {"name": "replay_single", "mode": "single",
+                        "prompts": single(variant_prompts)},
+                       *extra],
+        })
+        result["hybrid_used"] = (root / "hybrid-used").exists()
+        return result
+
+    return run

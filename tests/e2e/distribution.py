@@ -27,10 +27,26 @@ import math
 import numpy as np
 import torch
 
-PROMPT = "Once upon a time, in a small village by the sea,"
+# 132 tokens: its first block of 128 is a prefix-cache hit, so each of the
+# thousands of sampled requests computes 4 prompt tokens (with the last sentence
+# alone, 13, prefill cost about three times the verification). With it, 6000
+# samples catch a bias of 0.029 (temperature 0.7, top-k, top-p) and 0.026
+# (temperature 1) with 90% power.
+PROMPT = (
+    "My favourite bedtime story, the one my father read to me every night for "
+    "years until the pages of the book fell apart, always started with the same"
+    " words. I still know them by heart, and now I read them to my own "
+    "daughter, who listens with her eyes wide open and her old teddy bear "
+    "pressed against her cheek, ready to fall asleep. She knows the whole story"
+    " as well as I do and corrects me whenever I change even a single word of "
+    "it. So tonight, once again, I opened the worn old book, turned to the "
+    "first page and read aloud:"
+    "\n\nOnce upon a time, in a small village by the sea,"
+)
 TOP_FIRST_TOKENS = 48  # first tokens enumerated exactly; their mass is checked
 BUCKETS = 24  # most likely second tokens compared one by one; the rest pooled
 MAX_DETECTABLE_TV = 0.03  # end to end, with 90% power
+NUM_SAMPLES = 6000  # requests per sampled phase: the cost of a 0.03 bias
 SETTINGS = {  # name -> vLLM sampling settings of a phase
     "t1.0": {"temperature": 1.0},
     "t0.7-topk-topp": {"temperature": 0.7, "top_k": 40, "top_p": 0.9},
@@ -148,54 +164,34 @@ def assert_oracle_accepted_as_expected(counters: dict, law: SecondToken) -> None
     assert abs(rate - expected) < spread, (rate, expected, spread)
 
 
-def sampled_phases(prompt_ids: list[int], num_samples: int, names) -> list[dict]:
-    return [{"name": name, "mode": "seeded", "prompt": prompt_ids,
-             "num_samples": num_samples, "max_tokens": 2, **SETTINGS[name]}
-            for name in names]
+def oracle_sequences(prompt_ids: list[int], law: SecondToken) -> list[dict]:
+    """Recorded continuations for the replaying test proposer: after each
+    enumerated first token, the oracle's second token."""
+    return [{"prompt_token_ids": prompt_ids, "output_token_ids": [t1, t2]}
+            for t1, t2 in law.oracle.items()]
 
 
-def assert_speculation_keeps_distribution(tmp_path, target_dir, tokenizer,
-                                          speculative_config: dict, num_samples: int,
-                                          settings: tuple[str, ...] = tuple(SETTINGS),
-                                          oracle: bool = False,
-                                          min_first_acceptance: float = 0.0) -> None:
-    """Seeded samples of the first two tokens under ``speculative_config``, for
-    each of ``settings`` (names in ``SETTINGS``; one engine), follow the target's exact distribution and
-    speculation ran; with ``oracle`` the test proposer proposes the oracle's
-    tokens and their acceptance rate is checked; otherwise at least
-    ``min_first_acceptance`` of the first drafts must be accepted."""
-    from .conftest import run_engine_job
+def sampled_phase(name: str, prompt_ids: list[int], num_samples: int = NUM_SAMPLES) -> dict:
+    """An engine-job phase: ``num_samples`` seeded requests for the first two
+    tokens of ``prompt_ids`` under ``SETTINGS[name]``."""
+    return {"name": name, "mode": "seeded", "prompt": prompt_ids,
+            "num_samples": num_samples, "max_tokens": 2, **SETTINGS[name]}
 
-    prompt_ids = tokenizer(PROMPT)["input_ids"]
-    laws = {name: SecondToken(target_dir, prompt_ids, SETTINGS[name]) for name in settings}
-    assert all(law.covered > 0.6 for law in laws.values()), "enumerate more first tokens"
-    env = {}
+
+def assert_phase_keeps_distribution(phase: dict, law: SecondToken,
+                                    num_samples: int = NUM_SAMPLES, oracle: bool = False,
+                                    min_first_acceptance: float = 0.0) -> None:
+    """A sampled phase's second tokens follow ``law`` and speculation ran; with
+    ``oracle`` the test proposer proposed the oracle's tokens and their
+    acceptance rate is checked; otherwise at least ``min_first_acceptance`` of
+    the first drafts must be accepted."""
+    counters = phase["counters"]
+    assert counters["vllm:spec_decode_num_draft_tokens"] > 0
+    assert_follows(phase["token_ids"], law, num_samples)
     if oracle:
-        # Settings share the oracle when their likeliest tokens agree (checked).
-        oracles = [law.oracle for law in laws.values()]
-        shared = {t1: t2 for t1, t2 in oracles[0].items()
-                  if all(o.get(t1) == t2 for o in oracles)}
-        replay = tmp_path / "oracle.json"
-        replay.write_text(json.dumps({"sequences": [
-            {"prompt_token_ids": prompt_ids, "output_token_ids": [t1, t2]}
-            for t1, t2 in shared.items()]}))
-        for law in laws.values():
-            law.oracle = {t1: t2 for t1, t2 in law.oracle.items() if t1 in shared}
-        env["VLLM_LONGSPEC_TEST_PROPOSER"] = json.dumps({"replay": str(replay)})
-    result = run_engine_job(tmp_path, {
-        "model": str(target_dir), "max_tokens": 2, "max_num_seqs": 128,
-        "max_model_len": 512, "speculative_config": speculative_config, "env": env,
-        "phases": sampled_phases(prompt_ids, num_samples, settings),
-    })
-    for name, law in laws.items():
-        phase = result["phases"][name]
-        assert phase["counters"]["vllm:spec_decode_num_draft_tokens"] > 0
-        assert_follows(phase["token_ids"], law, num_samples)
-        counters = phase["counters"]
-        if oracle:
-            assert_oracle_accepted_as_expected(counters, law)
-        else:
-            first = (counters["vllm:spec_decode_num_accepted_tokens_per_pos"][0]
-                     / counters["vllm:spec_decode_num_drafts"])
-            print(json.dumps({"first_draft_acceptance": first}))
-            assert first >= min_first_acceptance, first
+        assert_oracle_accepted_as_expected(counters, law)
+    else:
+        first = (counters["vllm:spec_decode_num_accepted_tokens_per_pos"][0]
+                 / counters["vllm:spec_decode_num_drafts"])
+        print(json.dumps({"first_draft_acceptance": first}))
+        assert first >= min_first_acceptance, first

@@ -4,10 +4,13 @@ Usage: python engine_job.py JOB.json RESULT.json
 
 Each end-to-end test starts engines through this script so that every engine
 gets a fresh process (its own environment, memory and shutdown) and the tests
-only compare results. A job names the engine settings and a list of phases; a
-phase generates for all prompts at once ("batch") or one prompt at a time
-("single"), greedily, and records the token ids and the change of vLLM's
-counters (spec-decode, prefix cache, preemptions) during the phase.
+only compare results. A job names the engine settings and a list of phases, so
+one engine serves every check of its configuration; a phase generates for all
+prompts at once ("batch") or one prompt at a time ("single"), greedily (other
+modes below), and records the token ids and the change of vLLM's counters
+(spec-decode, prefix cache, preemptions) during the phase. A phase may set its
+own "prompts", "max_tokens" and "ignore_eos" (else the job's), and
+"reset_prefix_cache" to start from an empty prefix cache.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 COUNTERS = (
     "vllm:spec_decode_num_drafts",
@@ -69,11 +73,10 @@ def kv_bytes_per_group(llm, prompt, params) -> list[dict]:
     return samples
 
 
-def run(job: dict) -> dict:
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def start_engine(job: dict):
+    from vllm import LLM
 
-    llm = LLM(
+    return LLM(
         model=job["model"],
         dtype=job.get("dtype", "float32"),
         max_model_len=job.get("max_model_len", 8192),
@@ -87,58 +90,75 @@ def run(job: dict) -> dict:
         seed=0,
         **job.get("engine_args", {}),
     )
-    params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"],
-                            ignore_eos=job.get("ignore_eos", False))
-    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in job.get("prompts", [])]
-    result: dict = {"phases": {}}
-    for phase in job["phases"]:
-        before = read_counters(llm)
-        if phase["mode"] == "batch":
-            outputs = llm.generate(prompts, params, use_tqdm=False)
-        elif phase["mode"] == "single":
-            outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
-        elif phase["mode"] == "chat":
-            outputs = llm.chat(phase["messages"], params, use_tqdm=False)
-        elif phase["mode"] == "seeded":
-            # The same prompt sampled once per seed (one request each).
-            settings = {key: phase[key] for key in ("temperature", "top_k", "top_p")
-                        if key in phase}
-            seeded = [SamplingParams(max_tokens=phase["max_tokens"], seed=seed, **settings)
-                      for seed in range(phase["num_samples"])]
-            prompt = TokensPrompt(prompt_token_ids=phase["prompt"])
-            outputs = llm.generate([prompt] * len(seeded), seeded, use_tqdm=False)
-        elif phase["mode"] == "sampled":
-            # Each request with its own settings: {"prompt": [...], "params": {...}}.
-            requests = phase["requests"]
-            outputs = llm.generate(
-                [TokensPrompt(prompt_token_ids=r["prompt"]) for r in requests],
-                [SamplingParams(**r["params"]) for r in requests], use_tqdm=False)
-        elif phase["mode"] == "kv_bytes":
-            result["phases"][phase["name"]] = {
-                "samples": [kv_bytes_per_group(llm, p, params) for p in prompts]}
-            continue
-        elif phase["mode"] == "refused":
-            # A request with these sampling settings must fail alone.
-            from vllm.exceptions import VLLMValidationError
 
-            refused = SamplingParams(max_tokens=4, **phase["sampling"])
-            try:
-                llm.generate([prompts[0]], refused, use_tqdm=False)
-            except VLLMValidationError as error:
-                result["phases"][phase["name"]] = {"error": str(error)}
-            else:
-                result["phases"][phase["name"]] = {"error": None}
-            continue
-        elif phase["mode"] == "text":
-            outputs = llm.generate(phase["texts"], params, use_tqdm=False)
-        else:
-            raise ValueError(phase["mode"])
-        result["phases"][phase["name"]] = {
-            "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
-            "texts": [o.outputs[0].text for o in outputs],
-            "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs],
-            "counters": counter_delta(before, read_counters(llm)),
-        }
+
+def run_phase(llm, job: dict, phase: dict) -> dict:
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(
+        temperature=0.0, max_tokens=phase.get("max_tokens", job.get("max_tokens")),
+        ignore_eos=phase.get("ignore_eos", job.get("ignore_eos", False)))
+    prompts = [TokensPrompt(prompt_token_ids=ids)
+               for ids in phase.get("prompts", job.get("prompts", []))]
+    if phase.get("reset_prefix_cache"):
+        assert llm.reset_prefix_cache(), "prefix cache not reset"
+    before = read_counters(llm)
+    if phase["mode"] == "batch":
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    elif phase["mode"] == "single":
+        outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
+    elif phase["mode"] == "chat":
+        outputs = llm.chat(phase["messages"], params, use_tqdm=False)
+    elif phase["mode"] == "seeded":
+        # The same prompt sampled once per seed (one request each).
+        settings = {key: phase[key] for key in ("temperature", "top_k", "top_p")
+                    if key in phase}
+        seeded = [SamplingParams(max_tokens=phase["max_tokens"], seed=seed, **settings)
+                  for seed in range(phase["num_samples"])]
+        prompt = TokensPrompt(prompt_token_ids=phase["prompt"])
+        outputs = llm.generate([prompt] * len(seeded), seeded, use_tqdm=False)
+    elif phase["mode"] == "sampled":
+        # Each request with its own settings: {"prompt": [...], "params": {...}}.
+        requests = phase["requests"]
+        outputs = llm.generate(
+            [TokensPrompt(prompt_token_ids=r["prompt"]) for r in requests],
+            [SamplingParams(**r["params"]) for r in requests], use_tqdm=False)
+    elif phase["mode"] == "kv_bytes":
+        return {"samples": [kv_bytes_per_group(llm, p, params) for p in prompts]}
+    elif phase["mode"] == "refused":
+        # A request with these sampling settings must fail alone.
+        from vllm.exceptions import VLLMValidationError
+
+        refused = SamplingParams(max_tokens=4, **phase["sampling"])
+        try:
+            llm.generate([prompts[0]], refused, use_tqdm=False)
+        except VLLMValidationError as error:
+            return {"error": str(error)}
+        return {"error": None}
+    elif phase["mode"] == "text":
+        outputs = llm.generate(phase["texts"], params, use_tqdm=False)
+    else:
+        raise ValueError(phase["mode"])
+    return {
+        "token_ids": [list(o.outputs[0].token_ids) for o in outputs],
+        "texts": [o.outputs[0].text for o in outputs],
+        "prompt_token_ids": [list(o.prompt_token_ids) for o in outputs],
+        "counters": counter_delta(before, read_counters(llm)),
+    }
+
+
+def run(job: dict) -> dict:
+    """The job's phases on one engine; wall seconds of the start-up and of
+    every phase (``seconds``) reported with them."""
+    start = time.perf_counter()
+    llm = start_engine(job)
+    result: dict = {"phases": {}, "startup_seconds": time.perf_counter() - start}
+    for phase in job["phases"]:
+        start = time.perf_counter()
+        outcome = run_phase(llm, job, phase)
+        outcome["seconds"] = time.perf_counter() - start
+        result["phases"][phase["name"]] = outcome
     return result
 
 

@@ -1,30 +1,15 @@
-"""The draft's KV memory per request is bounded by its window, not the context."""
+"""The draft's KV memory per request is bounded by its window, not the context.
+
+The shared random-draft chain engine (``conftest.py``) runs a 1074-token and a
+7218-token prompt one at a time and reports, after every decode step, the KV
+blocks each cache group holds.
+"""
 
 from __future__ import annotations
 
-import pytest
 
-from .conftest import run_engine_job
-
-pytestmark = pytest.mark.e2e
-
-BLOCK = 128  # vLLM's CPU block size
-# Same offset inside a block, so window-bounded counts must match exactly.
-SHORT, LONG = 8 * BLOCK + 50, 56 * BLOCK + 50  # 1074 and 7218 tokens
-
-
-def test_draft_kv_bytes_do_not_grow_with_context(tmp_path, target_dir,
-                                                 random_draft_dir, long_prompts):
-    source = [t for p in long_prompts for t in p]
-    result = run_engine_job(tmp_path, {
-        "model": str(target_dir), "prompts": [source[:SHORT], source[:LONG]],
-        "max_tokens": 24, "ignore_eos": True,
-        "speculative_config": {"method": "longspec", "model": str(random_draft_dir),
-                               "num_speculative_tokens": 4},
-        "env": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"},
-        "phases": [{"name": "kv", "mode": "kv_bytes"}],
-    })
-    short, long = result["phases"]["kv"]["samples"]
+def test_draft_kv_bytes_do_not_grow_with_context(random_chain_run):
+    short, long = random_chain_run["kv"]["samples"]
     draft_group = next(name for name in short[0] if "draft_model" in name)
     target_group = next(name for name in short[0] if "layers.29." in name)
     # Steady decoding: the step right after prefill still holds the last

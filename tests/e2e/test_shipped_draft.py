@@ -3,38 +3,21 @@ and the offline accepted-length simulation (``vllm-longspec evaluate``) agrees
 with vLLM.
 
 The simulation walks greedy chain rounds over the target's continuation using
-the training-side draft; vLLM counts rounds (``spec_decode_num_drafts``) and
+the training-side draft; vLLM (the shared shipped-chain engine, every request
+the full chain every step) counts rounds (``spec_decode_num_drafts``) and
 accepted draft tokens. On the same continuation both must agree, up to the
 last round of each request (vLLM may draft past max_tokens and then truncate).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
-from tests.e2e.conftest import MAX_TOKENS, run_engine_job
-
-SHIPPED = Path(__file__).parents[2] / "vllm_longspec" / "drafts" / "smollm2-135m-instruct"
-K = 4
+from .conftest import SHIPPED, TREES, K, assert_identical, single
 
 
-@pytest.fixture(scope="module")
-def shipped_run(tmp_path_factory, target_dir, long_prompts):
-    prompts = long_prompts[:2]  # code continuation 1.1k, chat 1.9k
-    result = run_engine_job(tmp_path_factory.mktemp("shipped"), {
-        "model": str(target_dir), "prompts": prompts, "max_tokens": MAX_TOKENS,
-        "ignore_eos": True,
-        "speculative_config": {"method": "longspec", "model": str(SHIPPED),
-                               "num_speculative_tokens": K},
-        "phases": [{"name": "single", "mode": "single"}],
-    })
-    return prompts, result["phases"]["single"]
-
-
-def test_shipped_draft_is_lossless_and_accepted(shipped_run, plain_outputs):
-    prompts, phase = shipped_run
+def test_shipped_draft_is_lossless_and_accepted(shipped_chain_run, plain_outputs):
+    phase = shipped_chain_run["single"]
     for i, tokens in enumerate(phase["token_ids"]):
         # plain_outputs stop at EOS; this run ignores it: compare the common part
         assert tokens[:len(plain_outputs[i])] == plain_outputs[i]
@@ -44,10 +27,11 @@ def test_shipped_draft_is_lossless_and_accepted(shipped_run, plain_outputs):
     assert accepted > 0.05 * counters["vllm:spec_decode_num_drafts"]
 
 
-def test_simulated_accepted_length_matches_vllm(shipped_run, target_dir):
+def test_simulated_accepted_length_matches_vllm(shipped_chain_run, target_dir):
     from vllm_longspec.train.evaluate import DraftEvaluator
 
-    prompts, phase = shipped_run
+    phase = shipped_chain_run["single"]
+    prompts = phase["prompt_token_ids"]
     evaluator = DraftEvaluator(SHIPPED, target_dir)
     rounds = [evaluator.accepted_lengths(p, o, K)
               for p, o in zip(prompts, phase["token_ids"], strict=True)]
@@ -59,21 +43,15 @@ def test_simulated_accepted_length_matches_vllm(shipped_run, target_dir):
             <= K * len(prompts))
 
 
-@pytest.mark.parametrize("tree", [[2, 2, 2], [4, 4, 4, 4]], ids=["narrow", "wide"])
-def test_shipped_draft_drafts_lossless_trees(tmp_path, target_dir, long_prompts,
-                                             plain_outputs, tree):
-    """The trained draft's own trees (no replayed branches) on the 8 long
+@pytest.mark.parametrize("shape", TREES)
+def test_shipped_draft_drafts_lossless_trees(shipped_tree_run, plain_outputs, shape):
+    """The trained draft's own trees (no replayed branches) on the greedy
     prompts, batched and one at a time: token-identical to plain decoding."""
-    result = run_engine_job(tmp_path, {
-        "model": str(target_dir), "prompts": long_prompts, "max_tokens": MAX_TOKENS,
-        "speculative_config": {"method": "longspec", "model": str(SHIPPED),
-                               "tree": tree},
-        "phases": [{"name": "batch", "mode": "batch"},
-                   {"name": "single", "mode": "single"}],
-    })
-    for name in ("batch", "single"):
-        phase = result["phases"][name]
-        assert phase["token_ids"] == plain_outputs
+    tree = TREES[shape]
+    phases = shipped_tree_run(shape)["phases"]
+    for name, want in (("own_batch", plain_outputs), ("own_single", single(plain_outputs))):
+        phase = phases[name]
+        assert_identical(phase["token_ids"], want)
         counters = phase["counters"]
         assert counters["vllm:spec_decode_num_draft_tokens"] == (
             sum(tree) * counters["vllm:spec_decode_num_drafts"])

@@ -25,7 +25,7 @@ import json
 import pytest
 import torch
 
-from tests.e2e.conftest import run_engine_job
+from .conftest import run_engine_job
 
 K = 3
 ROUNDS = 6

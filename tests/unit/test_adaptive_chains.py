@@ -71,10 +71,10 @@ def test_the_policy_backs_off_when_nothing_is_accepted():
     chains = AdaptiveChains(4, lookup=False, adaptive=True)
     batch = _batch({"a": list(range(20))})
     zero_steps = 0
+    rejected = None  # no previous round before the first step
     for step in range(60):
-        plan = chains.plan(batch, 1, torch.tensor([20 + step]),
-                           torch.tensor([plan.num_tokens[0]]) if step else None,
-                           np.array([True]))
+        plan = chains.plan(batch, 1, torch.tensor([20 + step]), rejected, np.array([True]))
+        rejected = torch.tensor([plan.num_tokens[0]])
         zero_steps += plan.num_tokens[0] == 0
         chains.compose(plan, torch.full((1, plan.draft_steps), 3), None, 3.0)
     # every draft was rejected: the policy stops speculating, probing now and then
