@@ -290,3 +290,44 @@ def test_tree_levels_match_training_model(drafted):
           f"nearest off-by-one: min {min(neighbour_errors):.2e}")
     assert max(errors) < 1e-4
     assert all(e < 0.5 * n for e, n in zip(errors, neighbour_errors, strict=True))
+
+
+def test_window_only_round_runs_self_attention_alone(vllm_draft, monkeypatch):
+    """A round that proposes nothing (``DraftRound(window_only=True)``: the
+    policy chose K = 0 for every request) runs the draft's self-attention, which
+    writes the window's K/V, and nothing else: no cross-attention over the
+    target's cache, no MLP, no row output kept. A normal round's first pass
+    runs both on its sampled rows."""
+    from vllm_longspec.model.draft_inputs import CrossAttentionInputs, DraftRound
+
+    model = vllm_draft.model
+    calls = []
+    monkeypatch.setattr(model.self_attn, "forward",
+                        lambda positions, hidden, level=None: calls.append("self") or hidden)
+    monkeypatch.setattr(model.cross_attn, "forward",
+                        lambda positions, hidden, *args: calls.append("cross") or hidden)
+    cross = CrossAttentionInputs(torch.empty(0), torch.empty(0),
+                                 torch.zeros(2, 1, dtype=torch.int32),
+                                 torch.ones(2, dtype=torch.int32), None)
+    tokens, positions = torch.tensor([5, 6, 7]), torch.tensor([10, 11, 4])
+    embedded = vllm_draft.embed_weight[tokens]
+    with torch.no_grad():
+        # the residual of self-attention, stubbed as the identity
+        after_self = embedded + model.input_layernorm(embedded.clone())
+        window_round = DraftRound(cross, window_only=True)
+        with window_round.open():
+            window_round.sample_first_pass_at(torch.tensor([1, 2]))
+            out = model(tokens, positions)
+        assert calls == ["self"]
+        torch.testing.assert_close(out, after_self)  # and nothing more
+        assert window_round.first_pass_output is None
+
+        calls.clear()
+        full_round = DraftRound(cross)
+        with full_round.open():
+            full_round.sample_first_pass_at(torch.tensor([1, 2]))
+            out = model(tokens, positions)
+        assert calls == ["self", "cross"]
+        assert full_round.first_pass_output.shape == (2, embedded.shape[1])
+        torch.testing.assert_close(out[0], after_self[0])  # not a sampled row
+        assert not torch.allclose(out[1:], after_self[1:])

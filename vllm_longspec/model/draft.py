@@ -274,8 +274,9 @@ class LongSpecForCausalLM(nn.Module):
         **_unused,
     ) -> torch.Tensor:
         """``draft_inputs`` None: a forward vLLM's proposer runs, whose inputs
-        come from the open ``DraftRound`` (none outside drafting: warm-up and
-        memory profiling, self-attention only, no target cache to read)."""
+        come from the open ``DraftRound`` (none outside drafting, warm-up and
+        memory profiling, and none in a window-only round: self-attention only,
+        no target cache to read)."""
         drafting = DraftRound.current() if draft_inputs is None else None
         if drafting is not None:
             draft_inputs = drafting.next_forward()

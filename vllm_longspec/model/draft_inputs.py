@@ -80,8 +80,12 @@ class DraftRound:
     request, all running the whole block.
     """
 
-    def __init__(self, cross_attention: CrossAttentionInputs):
+    def __init__(self, cross_attention: CrossAttentionInputs, *, window_only: bool = False):
         self.cross_attention = cross_attention
+        # A round that proposes nothing (the policy chose K = 0 for every
+        # request): the first pass only writes the window's K/V, no row runs
+        # the whole block.
+        self.window_only = window_only
         # [num_reqs] the first pass's sampled rows, until the first pass ran
         self.first_pass_rows: torch.Tensor | None = None
         # [num_reqs, hidden_size] the whole block's output at those rows
@@ -106,9 +110,12 @@ class DraftRound:
         sampled row (``token_indices_to_sample``)."""
         self.first_pass_rows = rows
 
-    def next_forward(self) -> DraftInputs:
+    def next_forward(self) -> DraftInputs | None:
         """The inputs of the forward about to run: the first pass's while its
-        rows are pending, else a later chain step's."""
+        rows are pending, else a later chain step's; None in a window-only
+        round (self-attention alone)."""
+        if self.window_only:
+            return None
         return DraftInputs(self.cross_attention, rows=self.first_pass_rows)
 
     def forward_done(self, inputs: DraftInputs, row_output: torch.Tensor) -> None:

@@ -252,13 +252,14 @@ class LongSpecProposer(DraftModelProposer):
                                    *first_pass, **first_pass_kwargs)
 
     def _draft_with_vllm(self, cross_attention: CrossAttentionInputs, num_steps: int,
-                         *first_pass, **first_pass_kwargs):
+                         *first_pass, window_only: bool = False, **first_pass_kwargs):
         """vLLM's drafting: the first pass, then ``num_steps - 1`` chain steps
         (0: the first pass only), with the round open: the one place its
         hand-over to the draft is set and reset. Returns vLLM's draft tokens
         [num_reqs, num_steps] and the first pass's output at the sampled rows
-        [num_reqs, hidden_size]."""
-        draft_round = DraftRound(cross_attention)
+        [num_reqs, hidden_size] (None when ``window_only``: a first pass that
+        only keeps the window's K/V in step, for a round that proposes nothing)."""
+        draft_round = DraftRound(cross_attention, window_only=window_only)
         with draft_round.open():
             draft_token_ids = super().propose(num_steps, *first_pass, **first_pass_kwargs)
         return draft_token_ids, draft_round.first_pass_output
@@ -282,8 +283,10 @@ class LongSpecProposer(DraftModelProposer):
         plan = self.adaptive.plan(self.runner.input_batch, num_reqs, first_pass[3],
                                   num_rejected_tokens, decoding)
         started = time.perf_counter()
+        # No draft token wanted: the first pass only writes the window's K/V.
         draft_token_ids, _ = self._draft_with_vllm(
-            cross_attention, plan.draft_steps, *first_pass, **first_pass_kwargs)
+            cross_attention, plan.draft_steps, *first_pass,
+            window_only=plan.draft_steps == 0, **first_pass_kwargs)
         drafting_ms = (time.perf_counter() - started) * 1e3
         proposals, self._last_draft_probs = self.adaptive.compose(
             plan, draft_token_ids, self._last_draft_probs, drafting_ms)
