@@ -147,3 +147,52 @@ def test_init_from_fine_tunes_an_exported_draft(workspace):
     with pytest.raises(DraftCheckpointError, match="another target"):
         Trainer(config_from_dict(_config(workspace, "wrong", init_from=str(source),
                                          target=str(workspace / "wide"))))
+
+
+def test_init_from_target_layer_copies_the_layer_and_trains_from_it(workspace):
+    from vllm_longspec.train.init_from_target import LINEAR_SOURCES, NORM_SOURCES
+
+    target = load_target(workspace / "target", torch.float32)
+    last = dict(target.model.layers[-1].named_parameters())
+    # the weights come from the target as loaded (target_dtype): float32 keeps them exact
+    config = config_from_dict(_config(workspace, "from-layer", init_from_target_layer=-1,
+                                      target_dtype="float32"))
+    trainer = Trainer(config)
+    start = _weights(trainer)
+    for draft_name, target_name in LINEAR_SOURCES.items():
+        assert torch.equal(start[f"{draft_name}.weight"], last[f"{target_name}.weight"])
+        if f"{draft_name}.bias" in start:  # Llama has no attention biases: zeros
+            assert not torch.any(start[f"{draft_name}.bias"])
+    for draft_name, target_name in NORM_SOURCES.items():
+        assert torch.equal(start[f"{draft_name}.weight"], last[f"{target_name}.weight"])
+    # the cross-attention asks the last layer's K/V with that layer's own queries
+    assert torch.equal(start["cross_attn.q_proj.weight"], start["self_attn.q_proj.weight"])
+    # another layer index lands another layer (the tiny target's first)
+    first = Trainer(config_from_dict(_config(workspace, "from-first",
+                                             init_from_target_layer=0,
+                                             target_dtype="float32")))
+    assert torch.equal(first.draft.state_dict()["mlp.up_proj.weight"],
+                       target.model.layers[0].mlp.up_proj.weight)
+    assert not torch.equal(first.draft.state_dict()["mlp.up_proj.weight"],
+                           start["mlp.up_proj.weight"])
+
+    # training starts from these weights: one step moves them only by an AdamW step
+    trainer.run(max_steps=1)
+    after = _weights(trainer)
+    step = (after["mlp.up_proj.weight"] - start["mlp.up_proj.weight"]).abs().max()
+    assert 0 < step <= 2 * config.stages[0].lr
+    draft_dir = Trainer(config, resume=True).run()
+    summary = json.loads((draft_dir / "config.json").read_text())["longspec"]["trained"]
+    assert summary["init"] == "target-layer:-1"
+
+
+def test_init_from_target_layer_is_validated(workspace):
+    from vllm_longspec.train.config import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="set one of them"):
+        config_from_dict(_config(workspace, "both", init_from="somewhere",
+                                 init_from_target_layer=-1))
+    with pytest.raises(TrainConfigError, match="layer index"):
+        config_from_dict(_config(workspace, "bad", init_from_target_layer="last"))
+    with pytest.raises(ValueError, match="has 2 decoder layers"):
+        Trainer(config_from_dict(_config(workspace, "far", init_from_target_layer=2)))

@@ -116,6 +116,7 @@ class TrainConfig:
     stages: tuple[StageConfig, ...]
     target: str | None = None  # None: vllm_longspec.assets.default_target_path()
     init_from: str | None = None  # an exported draft directory to fine-tune
+    init_from_target_layer: int | None = None  # a target decoder layer (-1: last)
     output_dir: str = "runs/longspec-draft"
     seed: int = 0
     sliding_window: int = 512
@@ -150,6 +151,18 @@ class TrainConfig:
                 f"noise_shift {list(self.noise_shift)} must be [low, high] with "
                 "1 <= low <= high (j=0 would let the draft see the target's K/V "
                 "of the token it predicts from)."
+            )
+        if self.init_from and self.init_from_target_layer is not None:
+            raise TrainConfigError(
+                "init_from and init_from_target_layer both say where the draft "
+                "starts: set one of them (null for the other)."
+            )
+        if self.init_from_target_layer is not None and (
+                isinstance(self.init_from_target_layer, bool)
+                or not isinstance(self.init_from_target_layer, int)):
+            raise TrainConfigError(
+                "init_from_target_layer must be a decoder layer index of the target "
+                f"(-1: the last), or null; got {self.init_from_target_layer!r}."
             )
         if not 0.0 <= self.distill_weight <= 1.0:
             raise TrainConfigError("distill_weight must be in [0, 1].")

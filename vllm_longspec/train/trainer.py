@@ -36,6 +36,7 @@ from vllm_longspec.train.features import (
     check_cache_for_stage,
     pure_shift,
 )
+from vllm_longspec.train.init_from_target import init_from_target_layer
 from vllm_longspec.train.loss import NUM_STATS
 from vllm_longspec.train.metrics import MetricsLog, plot_loss_curve
 from vllm_longspec.train.model import load_draft_weights, new_draft
@@ -128,6 +129,10 @@ class Trainer:
         if config.init_from:
             load_draft_weights(self.draft, Path(config.init_from).expanduser())
             log.info("initialised the draft from %s", config.init_from)
+        elif config.init_from_target_layer is not None:
+            init_from_target_layer(self.draft, self.target, config.init_from_target_layer)
+            log.info("initialised the draft from the target's decoder layer %d",
+                     config.init_from_target_layer)
         self.draft.to(self.device)
         self.draft.train()
         vocab_ids = read_draft_vocab(config.draft_vocab) if config.draft_vocab else None
@@ -347,6 +352,14 @@ class Trainer:
     def _draft_vocab_settings(self) -> dict[str, int]:
         return {} if self.vocab.ids is None else {"draft_vocab_size": self.vocab.size}
 
+    def _init_summary(self) -> str:
+        """Where the draft's weights started (the export's ``trained.init``)."""
+        if self.config.init_from:
+            return f"draft:{self.config.init_from}"
+        if self.config.init_from_target_layer is not None:
+            return f"target-layer:{self.config.init_from_target_layer}"
+        return "random"
+
     def export(self, layout: str = "longspec") -> Path:
         """Write ``output_dir/draft``; layout "published" is the reference code's
         (no ``longspec`` section: the summary below is then not stored)."""
@@ -363,6 +376,7 @@ class Trainer:
             "noise_shift": list(self.config.noise_shift),
             "distill_weight": self.config.distill_weight,
             "seed": self.config.seed,
+            "init": self._init_summary(),
             "excluded_files": len(self.exclusions.skipped),
         }
         directory = save_draft(
