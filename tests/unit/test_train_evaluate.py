@@ -135,3 +135,23 @@ def test_the_evaluator_drafts_with_the_window_the_draft_was_exported_with(tmp_pa
     draft = save_draft(tmp_path / "draft", random_draft_state(config), config,
                        {"sliding_window": 7})
     assert DraftEvaluator(draft, target).draft.sliding_window == 7
+
+
+def test_the_target_cache_gives_the_hits_of_a_live_target(tmp_path):
+    import json
+
+    from vllm_longspec.model.checkpoint import random_draft_state, save_draft
+    from vllm_longspec.train.evaluate import DraftEvaluator
+    from vllm_longspec.train.tiny_target import save_tiny_llama
+
+    target = save_tiny_llama(tmp_path / "target")
+    config = json.loads((target / "config.json").read_text())
+    draft = save_draft(tmp_path / "draft", random_draft_state(config), config,
+                       {"sliding_window": 7})
+    tokens = torch.randint(0, 256, (50,), generator=torch.Generator().manual_seed(0)).tolist()
+    live = DraftEvaluator(draft, target).hits(tokens, 3)
+    cached = DraftEvaluator(draft, target, tmp_path / "cache")
+    first = cached.hits(tokens, 3)  # computes and stores the target's features
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+    cached.target = None  # a second call must not need the target
+    assert torch.equal(first, live) and torch.equal(cached.hits(tokens, 3), live)

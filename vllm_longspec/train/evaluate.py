@@ -2,6 +2,7 @@
 
     vllm-longspec evaluate --draft DIR [--prompts FILE.jsonl] [--k 4] [--max-new-tokens N]
         [--per-cell N] [--max-ngram 8] [--out FILE.json] [--markdown FILE.md]
+        [--continuations FILE.json] [--target-cache DIR]
 
 Under greedy decoding, draft step k of a round (k = 0..K-1, the round's bonus
 token at position c) is only looked at when steps 0..k-1 were all accepted, and
@@ -37,7 +38,12 @@ import torch
 from vllm_longspec.model.checkpoint import read_draft_checkpoint
 from vllm_longspec.train.model import LongSpecDraft, load_draft_weights
 from vllm_longspec.train.round_sources import RoundOptions, round_options
-from vllm_longspec.train.target import lm_head_weight, load_target, run_target
+from vllm_longspec.train.target import (
+    TargetOutputs,
+    lm_head_weight,
+    load_target,
+    run_target,
+)
 
 
 def simulate_rounds(hits: torch.Tensor, start: int, end: int) -> list[int]:
@@ -64,8 +70,12 @@ def simulate_rounds(hits: torch.Tensor, start: int, end: int) -> list[int]:
 class DraftEvaluator:
     """A trained draft directory next to its (frozen, float32) target."""
 
-    def __init__(self, draft_dir: str | Path, target_dir: str | Path):
+    def __init__(self, draft_dir: str | Path, target_dir: str | Path,
+                 target_cache: str | Path | None = None):
         self.target = load_target(target_dir, torch.float32)
+        # what the target computes for a prompt + continuation does not depend on
+        # the draft: with a cache directory it is computed once across drafts
+        self.target_cache = Path(target_cache) if target_cache else None
         target_config = json.loads((Path(target_dir) / "config.json").read_text())
         # the window the draft was exported with (the engine's default for it)
         window = read_draft_checkpoint(draft_dir).sliding_window
@@ -88,7 +98,7 @@ class DraftEvaluator:
         """[K, T] bool: see ``simulate_rounds``."""
         ids = torch.tensor([tokens])
         positions = torch.arange(len(tokens))[None]
-        target = run_target(self.target, ids, positions)
+        target = self._target_outputs(tokens, ids, positions)
         nexts = ids[0, 1:]
         rows = []
         for shift in range(1, num_drafts + 1):
@@ -99,6 +109,23 @@ class DraftEvaluator:
                 predicted = self.vocab[predicted]
             rows.append(torch.cat([predicted == nexts, torch.zeros(1, dtype=torch.bool)]))
         return torch.stack(rows)
+
+    def _target_outputs(self, tokens: list[int], ids: torch.Tensor,
+                        positions: torch.Tensor) -> TargetOutputs:
+        """The target's features for ``tokens``, read from the cache if there."""
+        if self.target_cache is None:
+            return run_target(self.target, ids, positions)
+        path = self.target_cache / f"{hash_tokens(tokens)}.pt"
+        if path.exists():
+            return TargetOutputs(**torch.load(path), last_keys_unrotated=None,
+                                 final_hidden=None)
+        target = run_target(self.target, ids, positions)
+        self.target_cache.mkdir(parents=True, exist_ok=True)
+        kept = {"embeddings": target.embeddings, "last_keys": target.last_keys,
+                "last_values": target.last_values}
+        torch.save(kept, path.with_suffix(".tmp"))
+        path.with_suffix(".tmp").replace(path)
+        return target
 
     def accepted_lengths(self, prompt: list[int], continuation: list[int],
                          num_drafts: int) -> list[int]:
@@ -157,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="time of one draft step / time of one verification round, "
                              "to rank rules by speed (default: issue 14's bf16 split at "
                              "4k, batch 1: 3.25 ms / 53.4 ms)")
+    parser.add_argument("--target-cache",
+                        help="directory caching the target's features per prompt + "
+                             "continuation (reused by every draft evaluated with it)")
     parser.add_argument("--num-threads", type=int)
     parser.add_argument("--out", help="write per-prompt and summary results as JSON here")
     parser.add_argument("--markdown", help="write the source comparison as Markdown here")
@@ -172,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_longspec.assets import default_target_path
     from vllm_longspec.train.lookup_report import PromptResult, Summary
 
-    evaluator = DraftEvaluator(args.draft, args.target or default_target_path())
+    evaluator = DraftEvaluator(args.draft, args.target or default_target_path(),
+                               args.target_cache)
     records = select_records(
         [json.loads(line) for line in Path(args.prompts).read_text().splitlines()
          if line.strip()], args.per_cell, args.limit)
