@@ -66,6 +66,7 @@ def arm_config(arm: str, tokens: int, lr: float) -> dict:
 
 def run(command: list[str], log: Path) -> None:
     print("+", " ".join(command), flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as out:
         subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT)
 
