@@ -1,7 +1,8 @@
 """Where a decode step's time goes, per method: target forward, drafting, the rest.
 
     python -m benchmarks.time_split [--prompt-id ID] [--max-tokens N] [--k K] [--batch B]
-        [--methods plain ngram longspec longspec_tree] [--tree W1 W2 ...]
+        [--methods plain ngram longspec longspec_fixed longspec_draft longspec_tree]
+        [--tree W1 W2 ...] [--dtype bfloat16]
 
 Decodes one prompt of ``benchmarks/prompts/longctx-v1.jsonl`` (greedy; with
 ``--batch B``, B copies of it at once, as the long-context benchmark's batched
@@ -35,7 +36,11 @@ def speculative_config(method: str, k: int, tree: list[int] | None = None) -> di
     if method == "ngram":
         return {"method": "ngram", "num_speculative_tokens": k,
                 "prompt_lookup_min": 2, "prompt_lookup_max": 5}
-    return {"method": "longspec", "model": str(SHIPPED), "num_speculative_tokens": k}
+    switches = {"longspec": {},  # the plugin's defaults
+                "longspec_fixed": {"adaptive": False, "context_lookup": False},
+                "longspec_draft": {"context_lookup": False}}[method]
+    return {"method": "longspec", "model": str(SHIPPED), "num_speculative_tokens": k,
+            **switches}
 
 
 def worker(args) -> None:
@@ -59,9 +64,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1, help="copies of the prompt")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                        help="bfloat16 (what users serve in) for speed")
     parser.add_argument("--methods", nargs="+", default=["plain", "ngram", "longspec"],
-                        choices=["plain", "ngram", "longspec", "longspec_tree"])
+                        choices=["plain", "ngram", "longspec", "longspec_fixed", "longspec_draft",
+                                 "longspec_tree"],
+                        help="longspec: the plugin's defaults; longspec_fixed: the full "
+                        "chain of K drafts every step (no adaptive chains, no context "
+                        "lookup); longspec_draft: adaptive chains of the draft alone")
     parser.add_argument("--tree", type=int, nargs="+", default=[2, 2, 2],
                         help="level widths for the longspec_tree method")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/time_split.json"))
