@@ -133,7 +133,10 @@ def markdown(rows: dict, tokens: int, lr: float, commands: list[str]) -> str:
                      + " | ".join(f"{ev['by_task'][t]:.3f}" for t in tasks) + " |")
     lines += ["", "CE and top-1 are the trainer's (mean of the last 8 logged steps, "
               "over noise shifts 1-4). Position i: acceptance of draft token i given "
-              "the earlier ones accepted.", "", "Commands:", "", "```"] + commands + ["```", ""]
+              "the earlier ones accepted.", "", "Commands:", "", "```"] + commands + [
+              row["eval"]["command"] for row in rows.values()] + [
+              f"vllm-longspec train --config {row['train']['config']}"
+              for row in rows.values() if row.get("train")] + ["```", ""]
     return "\n".join(lines)
 
 
