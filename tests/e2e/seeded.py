@@ -9,7 +9,9 @@ An engine serves the same seeded request on a long prompt three times:
    other settings), its prompt now a prefix-cache hit;
 3. alone again.
 
-All three must give identical tokens, and the engine must survive.
+All three must give identical tokens, and the engine must survive. With
+speculation, they must be plain vLLM's tokens for that seed: a seeded request is
+verified by the target's own draws (``vllm_longspec/runner/seeded.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,9 @@ def seeded_phases(prompt: list[int], others: list[list[int]]) -> list[dict]:
             {"name": again, "mode": "sampled", "requests": [seeded]}]
 
 
-def assert_seeded_reproducible(phases: dict, speculative: bool) -> None:
+def assert_seeded_reproducible(phases: dict, plain: dict | None = None) -> None:
+    """``plain``: the phases of plain vLLM, whose tokens speculation must give."""
+    speculative = plain is not None
     alone, batched, again = (phases[name] for name in PHASES)
     tokens = alone["token_ids"][0]
     assert len(tokens) == SEEDED["max_tokens"]
@@ -42,5 +46,6 @@ def assert_seeded_reproducible(phases: dict, speculative: bool) -> None:
     assert again["token_ids"][0] == tokens
     assert alone["counters"]["vllm:prefix_cache_hits"] == 0  # a cold, chunked prefill
     assert batched["counters"]["vllm:prefix_cache_hits"] > 0
-    if speculative:  # drafts were made and some were accepted
+    if speculative:  # plain decoding's tokens; drafts were made and some accepted
+        assert tokens == plain[PHASES[0]]["token_ids"][0]
         assert alone["counters"]["vllm:spec_decode_num_accepted_tokens"] > 0

@@ -9,12 +9,14 @@ Why: for method "draft_model" the runner builds a plain ``DraftModelProposer``;
 How: run the original constructor, then, only when the draft is a LongSpec
     draft, replace ``self.drafter``. ``LongSpecProposer`` subclasses
     ``DraftModelProposer``, so every ``isinstance`` dispatch in the runner still
-    takes the draft-model branches. Nothing has been loaded at that point. In
-    tree mode, register the hybrid attention backend (before the model is
-    built, in this process) and wrap ``self.rejection_sampler`` in
-    ``TreeRejectionSampler`` (vLLM's sampler still serves every step without
-    trees). The other runner patches reach LongSpec's state through
-    ``self.drafter`` (``longspec_proposer``); nothing else is added to the runner.
+    takes the draft-model branches. Nothing has been loaded at that point.
+    Wrap ``self.rejection_sampler`` in ``SeededChainVerification`` (seeded
+    requests get plain decoding's tokens, ``runner/seeded.py``). In tree
+    mode, also register the hybrid attention backend (before the model is
+    built, in this process) and wrap that in ``TreeRejectionSampler`` (the
+    chain sampler still serves every step without trees). The other runner
+    patches reach LongSpec's state through ``self.drafter``
+    (``longspec_proposer``); nothing else is added to the runner.
 When it can go: when vLLM lets plugins provide a proposer for a draft model.
 """
 
@@ -55,8 +57,10 @@ def apply() -> None:
         _orig___init__(self, vllm_config, device, *args, **kwargs)
         if is_longspec_speculation(vllm_config) and hasattr(self, "drafter"):
             from vllm_longspec.runner.proposer import LongSpecProposer
+            from vllm_longspec.runner.seeded import SeededChainVerification
 
             self.drafter = LongSpecProposer(self.vllm_config, self.device, self)
+            self.rejection_sampler = SeededChainVerification(self.rejection_sampler, self)
             if self.drafter.tree_rounds is not None:
                 from vllm_longspec.patches import attention_backend
                 from vllm_longspec.runner.verification import TreeRejectionSampler

@@ -63,6 +63,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm_longspec.attention.kv_cache import split_kv_cache
 from vllm_longspec.config import LongSpecConfig, LongSpecSettings
 from vllm_longspec.model.draft_inputs import CrossAttentionInputs, DraftRound
+from vllm_longspec.runner import seeded
 from vllm_longspec.runner.adaptive_chains import AdaptiveChains
 from vllm_longspec.runner.sampling import batch_sampling
 from vllm_longspec.runner.step import TreeRounds
@@ -93,6 +94,7 @@ class LongSpecProposer(DraftModelProposer):
         self.tree_drafter: TreeDrafter | None = None
         # Chains: context lookup and the speculation policy.
         self.adaptive = self._adaptive_chains(config)
+        self._draft_position = 0  # chain position being drafted (seeded requests)
 
     def _adaptive_chains(self, config: LongSpecConfig) -> AdaptiveChains | None:
         """Chains with context lookup and the speculation policy; None: vLLM's
@@ -260,6 +262,7 @@ class LongSpecProposer(DraftModelProposer):
         [num_reqs, hidden_size] (None when ``window_only``: a first pass that
         only keeps the window's K/V in step, for a round that proposes nothing)."""
         draft_round = DraftRound(cross_attention, window_only=window_only)
+        self._draft_position = 0  # chain position of the next _sample_from_logits
         with draft_round.open():
             draft_token_ids = super().propose(num_steps, *first_pass, **first_pass_kwargs)
         return draft_token_ids, draft_round.first_pass_output
@@ -315,18 +318,31 @@ class LongSpecProposer(DraftModelProposer):
 
     @override
     def _sample_from_logits(self, logits, sampling_metadata):
-        """vLLM's draft sampling, except that a seeded request draws from its
-        own generator, so its tokens do not depend on the rest of the batch
-        (vLLM's draws all rows from the global generator)."""
+        """vLLM's draft sampling, except for seeded requests, whose tokens must
+        not depend on the rest of the batch (vLLM draws every row from the
+        global generator): those verified by the target's own draws get the
+        coupled draw (``seeded.coupled_draft_tokens``), the other seeded ones
+        a draw from their own generator."""
+        self._draft_position += 1
         draft_token_ids, draft_probs = super()._sample_from_logits(logits, sampling_metadata)
-        generators = self._drafting_generators(sampling_metadata)
-        if draft_probs is None or not generators:
+        if draft_probs is None or not sampling_metadata.generators:
             return draft_token_ids, draft_probs
-        return (reseed_draft_tokens(draft_token_ids, draft_probs, generators,
+        num_reqs = self.runner.input_batch.num_reqs
+        coupled = seeded.seeded_rows(self.runner, num_reqs)
+        draft_token_ids = draft_token_ids.clone()
+        for row, token in seeded.coupled_draft_tokens(
+                self.runner.sampler, logits, self._draft_position, coupled,
+                sampling_metadata).items():
+            draft_token_ids[row] = token
+        own = {row: gen for row, gen in self._drafting_generators(sampling_metadata).items()
+               if row not in coupled}
+        return (reseed_draft_tokens(draft_token_ids, draft_probs, own,
                                     sampling_metadata.temperature), draft_probs)
 
     def _drafting_generators(self, sampling_metadata) -> dict[int, torch.Generator]:
-        """Row -> generator of the seeded requests whose drafts count this step.
+        """Row -> generator of the seeded requests whose drafts count this step
+        and that the target does not verify by its own draws
+        (``seeded.seeded_rows``: their generators are the verification's).
 
         A request in the middle of a chunked prefill is drafted for too, but
         its drafts are discarded: drawing them from its generator would make
@@ -334,8 +350,9 @@ class LongSpecProposer(DraftModelProposer):
         """
         num_reqs = self.runner.input_batch.num_reqs
         discarded = self.runner.discard_request_mask.np[:num_reqs]
+        verified_by_draws = seeded.seeded_rows(self.runner, num_reqs)
         return {row: gen for row, gen in sampling_metadata.generators.items()
-                if row < num_reqs and not discarded[row]}
+                if row < num_reqs and not discarded[row] and row not in verified_by_draws}
 
     def _drafting_sampling(self, sampling_metadata, num_reqs: int) -> BatchSampling:
         """Tree drafting's settings: ``batch_sampling`` with the generators of

@@ -33,7 +33,7 @@ accepted tokens then the bonus token, -1 padded.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +42,9 @@ from vllm.v1.outputs import SamplerOutput
 
 from vllm_longspec.runner.layout import commit_accepted_paths
 from vllm_longspec.runner.sampling import batch_sampling
+from vllm_longspec.runner.seeded import seeded_rows, target_draws
 from vllm_longspec.runner.step import ProposedTree, TreeRounds
-from vllm_longspec.tree import BatchSampling, DraftTree, verify
+from vllm_longspec.tree import BatchSampling, DraftTree, verify, verify_by_target_draws
 from vllm_longspec.tree.verify import first_child_draft_probs
 
 PLACEHOLDER_TOKEN_ID = -1  # vLLM's rejection_sampler.PLACEHOLDER_TOKEN_ID
@@ -52,7 +53,7 @@ PLACEHOLDER_TOKEN_ID = -1  # vLLM's rejection_sampler.PLACEHOLDER_TOKEN_ID
 class TreeRejectionSampler(nn.Module):
     def __init__(self, chain_sampler: nn.Module, runner, rounds: TreeRounds):
         super().__init__()
-        self.chain_sampler = chain_sampler  # vLLM's RejectionSampler
+        self.chain_sampler = chain_sampler  # SeededChainVerification(vLLM's)
         self.runner = runner
         self.rounds = rounds
 
@@ -61,9 +62,11 @@ class TreeRejectionSampler(nn.Module):
         if step is None:
             return self.chain_sampler(metadata, draft_probs, logits, sampling_metadata)
         num_drafts = metadata.num_draft_tokens
+        draws = target_draws(self.runner, seeded_rows(self.runner, len(num_drafts)),
+                             num_drafts, logits, sampling_metadata)
         result = verify_step(
             step.trees, num_drafts, metadata.draft_token_ids, logits.float(),
-            batch_sampling(sampling_metadata, len(num_drafts)))
+            batch_sampling(sampling_metadata, len(num_drafts)), draws)
         commit_accepted_paths(self.runner, self.rounds.target_kv_groups, step.trees,
                               result.accepted_paths)
         return SamplerOutput(sampled_token_ids=result.sampled_token_ids,
@@ -84,8 +87,11 @@ def verify_step(
     draft_token_ids: torch.Tensor,  # [sum(num_drafts)] the scheduled drafts, row-major
     logits: torch.Tensor,  # [sum(num_drafts) + num_reqs, V] target logits per slot
     sampling: BatchSampling,
+    target_draws: Mapping[int, Callable[[int], int]] | None = None,
 ) -> StepVerification:
-    """Verify every row of the batch; ``trees`` maps tree rows to their tree."""
+    """Verify every row of the batch; ``trees`` maps tree rows to their tree.
+    Rows in ``target_draws`` (seeded rows, ``runner/seeded.py``) are verified
+    by the target's own draws, ``verify_by_target_draws``."""
     device = logits.device
     num_reqs, vocab_size = len(num_drafts), logits.shape[-1]
     # e.g. num_drafts [2, 0, 3]: drafts start at [0, 2, 2], logits at [0, 3, 4]
@@ -93,16 +99,24 @@ def verify_step(
                                 device=device)
     logit_starts = draft_starts + torch.arange(num_reqs, device=device)
 
+    out = torch.full((num_reqs, max(num_drafts) + 1), PLACEHOLDER_TOKEN_ID,
+                     dtype=torch.int32, device=device)
+    accepted_paths: dict[int, list[int]] = {}
     shapes: dict[tuple[int, ...], list[int]] = {}
     for row, n in enumerate(num_drafts):
         tree = trees.get(row)
         shape = (tuple(tree.parents.tolist()) if tree is not None
                  else tuple(range(-1, n - 1)))
+        if target_draws and row in target_draws:
+            start = int(draft_starts[row])
+            emitted, path = verify_by_target_draws(
+                shape, draft_token_ids[start:start + n].tolist(), target_draws[row])
+            out[row, :len(emitted)] = torch.tensor(emitted, dtype=torch.int32)
+            if tree is not None:
+                accepted_paths[row] = path
+            continue
         shapes.setdefault(shape, []).append(row)
 
-    out = torch.full((num_reqs, max(num_drafts) + 1), PLACEHOLDER_TOKEN_ID,
-                     dtype=torch.int32, device=device)
-    accepted_paths: dict[int, list[int]] = {}
     for parents, rows in shapes.items():
         n = len(parents)
         index = torch.tensor(rows, device=device)

@@ -9,6 +9,7 @@ from vllm_longspec.tree.verify import (
     Verification,
     VerifyNoise,
     verify,
+    verify_by_target_draws,
     verify_greedy,
     verify_sampling,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "VerifyNoise",
     "top_k_top_p_reference",
     "verify",
+    "verify_by_target_draws",
     "verify_greedy",
     "verify_sampling",
 ]

@@ -27,6 +27,7 @@ See docs/tree-speculation.md.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -190,3 +191,37 @@ def _by_depth(path: torch.Tensor, tree: DraftTree) -> torch.Tensor:
     out = tree.parents.new_full((tree.batch_size, depth + 1), -1)
     nodes = torch.arange(tree.num_nodes, device=path.device).expand_as(slots)
     return out.scatter_(1, slots, nodes)[:, :depth]
+
+
+def verify_by_target_draws(parents: Sequence[int], tokens: Sequence[int],
+                           draw: Callable[[int], int]) -> tuple[list[int], list[int]]:
+    """One request's tree verified by the target's own draws.
+
+    ``draw(slot)`` samples the target's token at a slot (0: the root, i + 1:
+    node i) and must be called in order, one draw per emitted token, as plain
+    decoding samples. Starting at the root, the walk draws the slot's token; a
+    child holding it is accepted and the walk moves there, else the drawn token
+    is the bonus and the walk ends. Returns (emitted tokens: the accepted ones
+    then the bonus, accepted node ids by depth).
+
+    Each emitted token is the target's own sample given the tokens before it,
+    whatever was drafted, so the output is plain decoding's token for token
+    when ``draw`` is plain decoding's sampler with its random stream: the drafts
+    only decide how many of those tokens one step emits. A child proposed by a
+    rule that does not see the draw is accepted with probability p(token), as
+    a deterministic proposal is under rejection sampling.
+    """
+    children: dict[tuple[int, int], int] = {}
+    for node, (parent, token) in enumerate(zip(parents, tokens, strict=True)):
+        children.setdefault((parent, token), node)  # a repeated token: the first
+    emitted: list[int] = []
+    path: list[int] = []
+    node = -1
+    while True:
+        token = draw(node + 1)
+        emitted.append(token)
+        child = children.get((node, token))
+        if child is None:
+            return emitted, path
+        path.append(child)
+        node = child
