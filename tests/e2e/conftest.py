@@ -226,7 +226,7 @@ def replay_chain_run(tmp_path_factory, target_dir, random_draft_dir, greedy_prom
                      variant_prompts, plain_run, sampled_prompt, oracle_law) -> dict:
     """The random draft's chains with replayed proposals: the greedy prompts'
     continuations (every draft right), their variants' (every third output
-    wrong), and the oracle's second tokens for seeded samples at temperature 1."""
+    wrong), and the oracle's second tokens for samples at temperature 1."""
     root = tmp_path_factory.mktemp("replay_chain")
     sequences = (replayed(greedy_prompts, plain_run["batch"]["token_ids"], FULL_ACCEPTANCE)
                  + replayed(variant_prompts, plain_run["variants"]["token_ids"],
@@ -247,7 +247,7 @@ def shipped_chain_run(tmp_path_factory, target_dir, greedy_prompts, seeded,
                       sampled_prompt) -> dict:
     """The shipped draft's chains, probabilistic drafting, every request the
     full chain every step (no adaptive chains, no context lookup): two greedy
-    prompts one at a time, seeded requests, seeded samples at temperature 0.7
+    prompts one at a time, seeded requests, samples at temperature 0.7
     with top-k and top-p."""
     return run_engine_job(tmp_path_factory.mktemp("shipped_chain"), {
         "model": str(target_dir), "prompts": greedy_prompts[:2], "max_tokens": MAX_TOKENS,
@@ -265,7 +265,7 @@ def shipped_tree_run(tmp_path_factory, target_dir, greedy_prompts, variant_promp
     """shape -> the shipped draft's trees of that shape: its own trees on the
     greedy prompts, then the variants' continuations replayed on one branch of
     each tree (cut at every fifth output), each batched and two of them one at
-    a time; narrow also: a refused request, seeded requests, seeded samples at
+    a time; narrow also: a refused request, seeded requests, samples at
     temperature 0.7 with top-k and top-p."""
 
     @functools.cache

@@ -172,9 +172,10 @@ def oracle_sequences(prompt_ids: list[int], law: SecondToken) -> list[dict]:
 
 
 def sampled_phase(name: str, prompt_ids: list[int], num_samples: int = NUM_SAMPLES) -> dict:
-    """An engine-job phase: ``num_samples`` seeded requests for the first two
-    tokens of ``prompt_ids`` under ``SETTINGS[name]``."""
-    return {"name": name, "mode": "seeded", "prompt": prompt_ids,
+    """An engine-job phase: ``num_samples`` requests (unseeded: they go through
+    the rejection sampler) for the first two tokens of ``prompt_ids`` under
+    ``SETTINGS[name]``."""
+    return {"name": name, "mode": "samples", "prompt": prompt_ids,
             "num_samples": num_samples, "max_tokens": 2, **SETTINGS[name]}
 
 

@@ -110,14 +110,15 @@ def run_phase(llm, job: dict, phase: dict) -> dict:
         outputs = [llm.generate([p], params, use_tqdm=False)[0] for p in prompts]
     elif phase["mode"] == "chat":
         outputs = llm.chat(phase["messages"], params, use_tqdm=False)
-    elif phase["mode"] == "seeded":
-        # The same prompt sampled once per seed (one request each).
+    elif phase["mode"] == "samples":
+        # The same prompt sampled num_samples times (one request each, no seed:
+        # seeded requests skip the rejection sampler, ``runner/seeded.py``; the
+        # engine's seed makes the run repeatable).
         settings = {key: phase[key] for key in ("temperature", "top_k", "top_p")
                     if key in phase}
-        seeded = [SamplingParams(max_tokens=phase["max_tokens"], seed=seed, **settings)
-                  for seed in range(phase["num_samples"])]
+        sampled = SamplingParams(max_tokens=phase["max_tokens"], **settings)
         prompt = TokensPrompt(prompt_token_ids=phase["prompt"])
-        outputs = llm.generate([prompt] * len(seeded), seeded, use_tqdm=False)
+        outputs = llm.generate([prompt] * phase["num_samples"], sampled, use_tqdm=False)
     elif phase["mode"] == "sampled":
         # Each request with its own settings: {"prompt": [...], "params": {...}}.
         requests = phase["requests"]
