@@ -87,6 +87,19 @@ def build_prompts(groups, tokenizer, num_prompts, min_tokens, max_tokens, seed):
     return prompts
 
 
+def completed_records(out: Path) -> int:
+    """Records already in ``out``; a last line cut off mid-write (a run that was
+    killed) is removed, so the resumed run writes that record again whole."""
+    if not out.exists():
+        return 0
+    data = out.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with out.open("r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        data = data[:data.rfind(b"\n") + 1]
+    return data.count(b"\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-longspec distill",
                                      description=__doc__.splitlines()[0])
@@ -120,9 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = build_prompts(groups, tokenizer, args.num_prompts, args.min_prompt_tokens,
                             args.max_prompt_tokens, args.seed)
     out = Path(args.out)
-    done = 0
-    if out.exists():
-        done = sum(1 for _ in out.open())
+    done = completed_records(out)
     todo = list(enumerate(prompts))[done:]
     print(f"{sum(map(len, groups))} source files in {len(groups)} groups, "
           f"{len(prompts)} prompts, {done} already done")
