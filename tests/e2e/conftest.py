@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 
-from .distribution import PROMPT, SecondToken, oracle_sequences, sampled_phase
+from .distribution import PROMPT, SETTINGS, SecondToken, oracle_sequences, sampled_phase
 from .seeded import SEEDED_PROMPT, seeded_phases
 
 JOB_SCRIPT = Path(__file__).with_name("engine_job.py")
@@ -217,8 +217,12 @@ def oracle_law(target_dir, sampled_prompt) -> SecondToken:
 
 @pytest.fixture(scope="session")
 def topk_topp_law(target_dir, sampled_prompt) -> SecondToken:
-    return SecondToken(target_dir, sampled_prompt,
-                       {"temperature": 0.7, "top_k": 40, "top_p": 0.9})
+    return SecondToken(target_dir, sampled_prompt, SETTINGS["t0.7-topk-topp"])
+
+
+@pytest.fixture(scope="session")
+def topk_law(target_dir, sampled_prompt) -> SecondToken:
+    return SecondToken(target_dir, sampled_prompt, SETTINGS["t0.7-topk"])
 
 
 @pytest.fixture(scope="session")
@@ -266,7 +270,7 @@ def shipped_tree_run(tmp_path_factory, target_dir, greedy_prompts, variant_promp
     greedy prompts, then the variants' continuations replayed on one branch of
     each tree (cut at every fifth output), each batched and two of them one at
     a time; narrow also: a refused request, seeded requests, samples at
-    temperature 0.7 with top-k and top-p."""
+    temperature 0.7 with top-k."""
 
     @functools.cache
     def run(shape: str) -> dict:
@@ -276,7 +280,7 @@ def shipped_tree_run(tmp_path_factory, target_dir, greedy_prompts, variant_promp
         narrow = shape == "narrow"
         extra = ([{"name": "refused", "mode": "refused",
                    "sampling": {"repetition_penalty": 1.1}}, *seeded,
-                  sampled_phase("t0.7-topk-topp", sampled_prompt)] if narrow else [])
+                  sampled_phase("t0.7-topk", sampled_prompt)] if narrow else [])
         result = run_engine_job(root, {
             "model": str(target_dir), "prompts": greedy_prompts, "max_tokens": MAX_TOKENS,
             # sampled requests: 128 a step, 7 tree tokens each

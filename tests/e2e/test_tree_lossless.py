@@ -11,8 +11,8 @@ at every depth. (The shipped draft's own trees: ``test_shipped_draft.py``.)
 
 Sampled: the second token's distribution (the first one emitted by tree
 verification) matches the target's exact marginal, as in
-``test_lossless_sampling.py``, on the wide tree (four first-level siblings:
-the recursive rejection rule runs through several of them).
+``test_lossless_sampling.py``, on the narrow tree (two first-level siblings:
+the recursive rejection rule runs through both), temperature 0.7 with top-k.
 """
 
 from __future__ import annotations
@@ -91,9 +91,8 @@ def test_greedy_preemption(tmp_path, target_dir, random_draft_dir, long_prompts,
     assert batch["counters"]["vllm:spec_decode_num_accepted_tokens"] > 0
 
 
-def test_sampled_second_token_follows_target_distribution(shipped_tree_run,
-                                                          topk_topp_law):
-    """The shipped draft's trees (accepted often: both the acceptance and the
-    rejection branches of the recursive rule run)."""
-    assert_phase_keeps_distribution(shipped_tree_run("wide")["phases"]["t0.7-topk-topp"],
-                                    topk_topp_law, min_first_acceptance=0.01)
+def test_sampled_second_token_follows_target_distribution(shipped_tree_run, topk_law):
+    """The shipped draft's narrow trees at temperature 0.7 with top-k (both the
+    acceptance and the rejection branches of the recursive rule run)."""
+    assert_phase_keeps_distribution(shipped_tree_run("narrow")["phases"]["t0.7-topk"],
+                                    topk_law, min_first_acceptance=0.01)

@@ -72,6 +72,10 @@ PINNED_EXACTLY = [
     ("vllm.v1.attention.backends.flash_attn", "FlashAttentionImpl.forward",
      ["self", "layer", "query", "key", "value", "kv_cache", "attn_metadata", "output",
       "output_scale", "output_block_scale"]),
+    # The CPU fixes (patches/cpu_generator_rewind.py, patches/cpu_top_k_empty.py).
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._sample",
+     ["self", "logits", "spec_decode_metadata"]),
+    ("vllm.v1.sample.ops.topk_topp_sampler", "apply_top_k_only", ["logits", "k"]),
     # The step timer (patches/step_timer.py, VLLM_LONGSPEC_TIME_SPLIT).
     ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.execute_model",
      ["self", "scheduler_output", "intermediate_tensors"]),
@@ -88,6 +92,11 @@ PINNED_EXACTLY = [
 
 # (module, qualified name, parameters we pass): called.
 CALLED_WITH = [
+    # Seeded rows drawn as plain decoding draws them (runner/seeded.py).
+    ("vllm.v1.sample.ops.topk_topp_sampler", "TopKTopPSampler.forward_native",
+     ["logits", "generators", "k", "p"]),
+    ("vllm.v1.sample.ops.topk_topp_sampler", "TopKTopPSampler.forward_cpu",
+     ["logits", "generators", "k", "p"]),
     ("vllm.config.speculative", "SpeculativeConfig.update_arch_", []),
     ("vllm.v1.worker.block_table", "BlockTable.get_device_tensor", ["num_reqs"]),
     ("vllm._custom_ops", "cpu_attn_get_scheduler_metadata",
@@ -140,6 +149,21 @@ CALLED_WITH = [
 
 # (module, qualified name, substrings its source must contain): behaviours we rely on.
 SOURCE_FACTS = [
+    # Plain sampling of a sampled row, which runner/seeded.py repeats per slot:
+    # float32 logits divided by the temperature, then the top-k / top-p sampler
+    # with the batch's generators (one draw per row and call).
+    ("vllm.v1.sample.sampler", "Sampler.forward",
+     ["logits = logits.to(torch.float32)", "self.sample(logits, sampling_metadata)"]),
+    ("vllm.v1.sample.sampler", "Sampler.sample",
+     ["self.apply_temperature(", "self.topk_topp_sampler(",
+      "sampling_metadata.generators,"]),
+    ("vllm.v1.sample.sampler", "Sampler.apply_temperature",
+     ["logits.div_(temp.unsqueeze(dim=1))"]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner.__init__",
+     ["self.requests: dict[str, CachedRequestState] = {}"]),
+    # The empty-batch top-k call that patches/cpu_top_k_empty.py guards.
+    ("vllm.v1.sample.ops.topk_topp_sampler", "apply_top_k_top_p_pytorch",
+     ["return apply_top_k_only(logits, k)"]),
     # The demo reads the effective K from the engine's config.
     ("vllm.v1.engine.llm_engine", "LLMEngine.__init__",
      ["self.vllm_config = vllm_config"]),

@@ -40,6 +40,10 @@ Index (target -> module: why; upstream; removable when):
   a seeded request's discarded draw is rewound with ``set_offset``, which CPU
   generators lack (the engine dies); upstream: not filed; when vLLM undoes
   the draw without it on CPU.
+- ``topk_topp_sampler.apply_top_k_only`` -> ``cpu_top_k_empty``: with a
+  speculative method the rejection sampler runs on steps without drafts, and
+  a top-k-only batch of 0 rows raises in ``k.max()`` (the engine dies, any
+  method); upstream: not filed; when it accepts an empty batch.
 - ``GPUModelRunner.execute_model`` / ``sample_tokens`` / ``_model_forward`` /
   ``propose_draft_token_ids`` -> ``step_timer``: profiling only
   (``VLLM_LONGSPEC_TIME_SPLIT``); upstream: none; when vLLM reports a step's
@@ -53,6 +57,7 @@ from vllm_longspec.patches import (
     attention_metadata,
     cpu_expand_kernel,
     cpu_generator_rewind,
+    cpu_top_k_empty,
     engine_args,
     model_runner,
     prepare_inputs,
@@ -65,7 +70,8 @@ from vllm_longspec.patches import (
 # and ``testing`` only when needed, see there; ``step_timer`` only with its
 # variable).
 PATCHES = (engine_args, v2_runner, model_runner, prepare_inputs, attention_metadata,
-           request_validation, cpu_expand_kernel, cpu_generator_rewind, step_timer)
+           request_validation, cpu_expand_kernel, cpu_generator_rewind, cpu_top_k_empty,
+           step_timer)
 
 
 def apply_all() -> None:
