@@ -35,8 +35,13 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.serve_stress import StressSettings, Workload
+from benchmarks.stress.prompts import PromptPool
+
 from .distribution import PROMPT, SETTINGS, SecondToken, oracle_sequences, sampled_phase
 from .seeded import SEEDED_PROMPT, seeded_phases
+from .server import MAX_TOKENS as SERVED_TOKENS
+from .server import QUESTIONS, TEXTS
 
 JOB_SCRIPT = Path(__file__).with_name("engine_job.py")
 SHIPPED = Path(__file__).parents[2] / "vllm_longspec" / "drafts" / "smollm2-135m-instruct"
@@ -51,6 +56,12 @@ K = 4  # chain length of the chain engines
 PREEMPT_PROMPTS, PREEMPT_TOKENS = 4, 200
 TREES = {"narrow": [2, 2, 2], "wide": [4, 4, 4, 4]}
 FULL_ACCEPTANCE, CHAIN_REJECTIONS, TREE_REJECTIONS = 0, 3, 5  # corrupt_every
+# test_serve_stress.py's short run: a float32 chain server, two rounds.
+STRESS = StressSettings(
+    servers=("chain",), dtype="float32", rounds=2, streams=4, abort_streams=2,
+    abort_after=2, min_prompt_len=300, max_prompt_len=900, max_tokens=16, probes=2,
+    probe_len=400, probe_tokens=24, seeded_len=1200, max_num_batched_tokens=512,
+    kv_cache_gib=1.0, time_limit_s=1200)
 # The draft's window bounded on prompts of 8 and 56 blocks of 128 tokens, plus
 # the same offset inside a block (1074 and 7218 tokens).
 KV_PROBE_LENGTHS = (8 * 128 + 50, 56 * 128 + 50)
@@ -170,10 +181,13 @@ def seeded(long_prompts, greedy_prompts) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def plain_run(tmp_path_factory, target_dir, long_prompts, greedy_prompts,
+def plain_run(tmp_path_factory, target_dir, tokenizer, long_prompts, greedy_prompts,
               variant_prompts, seeded) -> dict:
     """Plain vLLM, float32: greedy references (the greedy prompts, their
-    variants, the preemption workload) and seeded requests."""
+    variants, the preemption workload, the served texts and chats of
+    ``test_serve.py``, the probes of ``test_serve_stress.py``) and seeded
+    requests."""
+    probes = Workload(STRESS, PromptPool(tokenizer), str(target_dir)).probe_prompts
     return run_engine_job(tmp_path_factory.mktemp("plain"), {
         "model": str(target_dir), "prompts": greedy_prompts, "max_tokens": MAX_TOKENS,
         "phases": [{"name": "batch", "mode": "batch"},
@@ -181,7 +195,13 @@ def plain_run(tmp_path_factory, target_dir, long_prompts, greedy_prompts,
                    {"name": "preempt", "mode": "batch",
                     "prompts": long_prompts[:PREEMPT_PROMPTS],
                     "max_tokens": PREEMPT_TOKENS, "ignore_eos": True},
-                   *seeded],
+                   *seeded,
+                   {"name": "serve_text", "mode": "text", "texts": TEXTS,
+                    "max_tokens": SERVED_TOKENS},
+                   {"name": "serve_chat", "mode": "chat", "max_tokens": SERVED_TOKENS,
+                    "messages": [[{"role": "user", "content": q}] for q in QUESTIONS]},
+                   {"name": "stress_probes", "mode": "single", "prompts": probes,
+                    "max_tokens": STRESS.probe_tokens, "ignore_eos": True}],
     })["phases"]
 
 

@@ -14,6 +14,20 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 START_TIMEOUT_S = 420
+# test_serve.py's requests (greedy), answered offline by the shared plain engine.
+MAX_TOKENS = 32
+TEXTS = [
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "The three most important ideas of thermodynamics are",
+    "import json\n\n\ndef load_config(path):\n",
+    "A short history of the printing press:",
+]
+QUESTIONS = [
+    "What is a hash table? Answer in two sentences.",
+    "Write a haiku about the sea.",
+    "List three uses of Python decorators.",
+    "Why is the sky blue?",
+]
 
 
 def free_port() -> int:

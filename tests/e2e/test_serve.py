@@ -1,8 +1,8 @@
 """`vllm serve --speculative-config '{"method": "longspec", ...}'` as a real server.
 
 Concurrent OpenAI-client completion and chat requests (float32, greedy) return
-the same text as offline plain decoding, and /metrics shows the spec-decode
-counters rising.
+the same text as offline plain decoding (the shared plain engine's ``serve_*``
+phases, ``conftest.py``), and /metrics shows the spec-decode counters rising.
 """
 
 from __future__ import annotations
@@ -11,38 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from .conftest import run_engine_job
-from .server import drafts_counter, http_get, vllm_server
+from .server import MAX_TOKENS, QUESTIONS, TEXTS, drafts_counter, http_get, vllm_server
 
 pytestmark = pytest.mark.e2e
-
-MAX_TOKENS = 32
-TEXTS = [
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
-    "The three most important ideas of thermodynamics are",
-    "import json\n\n\ndef load_config(path):\n",
-    "A short history of the printing press:",
-]
-QUESTIONS = [
-    "What is a hash table? Answer in two sentences.",
-    "Write a haiku about the sea.",
-    "List three uses of Python decorators.",
-    "Why is the sky blue?",
-]
-
-
-@pytest.fixture(scope="module")
-def offline_plain(tmp_path_factory, target_dir):
-    result = run_engine_job(tmp_path_factory.mktemp("serve_plain"), {
-        "model": str(target_dir), "max_tokens": MAX_TOKENS, "max_model_len": 4096,
-        "phases": [
-            {"name": "text", "mode": "text", "texts": TEXTS},
-            {"name": "chat", "mode": "chat", "messages": [
-                [{"role": "user", "content": q}] for q in QUESTIONS]},
-        ],
-    })
-    return result["phases"]["text"]["texts"], result["phases"]["chat"]["texts"]
-
 
 @pytest.fixture(scope="module")
 def server(target_dir, random_draft_dir, tmp_path_factory):
@@ -52,7 +23,7 @@ def server(target_dir, random_draft_dir, tmp_path_factory):
         yield base
 
 
-def test_concurrent_requests_match_offline_plain(server, target_dir, offline_plain):
+def test_concurrent_requests_match_offline_plain(server, target_dir, plain_run):
     from openai import OpenAI
 
     client = OpenAI(base_url=server + "/v1", api_key="none")
@@ -73,7 +44,6 @@ def test_concurrent_requests_match_offline_plain(server, target_dir, offline_pla
         chats = [pool.submit(chat, q) for q in QUESTIONS]
         texts, chats = [f.result() for f in texts], [f.result() for f in chats]
 
-    plain_texts, plain_chats = offline_plain
-    assert texts == plain_texts
-    assert chats == plain_chats
+    assert texts == plain_run["serve_text"]["texts"]
+    assert chats == plain_run["serve_chat"]["texts"]
     assert drafts_counter(http_get(server + "/metrics")) > drafts_before

@@ -7,42 +7,24 @@ It must answer no request with a 5xx and keep its engine alive; refuse every bad
 input with a 4xx; free every aborted request; give the seeded request the same
 tokens alone and batched; and give the greedy probes, answered alone (uncached,
 then prefix-cache hits), inside the loaded rounds and after them, exactly the
-tokens of offline plain vLLM.
+tokens of offline plain vLLM (the shared plain engine's ``stress_probes``).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from benchmarks.serve_stress import StressSettings, Workload, run
-from benchmarks.stress.prompts import PromptPool
+from benchmarks.serve_stress import run
 
-from .conftest import run_engine_job
+from .conftest import STRESS as SETTINGS
 
 pytestmark = pytest.mark.e2e
-
-SETTINGS = StressSettings(
-    servers=("chain",), dtype="float32", rounds=2, streams=4, abort_streams=2,
-    abort_after=2, min_prompt_len=300, max_prompt_len=900, max_tokens=16, probes=2,
-    probe_len=400, probe_tokens=24, seeded_len=1200, max_num_batched_tokens=512,
-    kv_cache_gib=1.0, time_limit_s=1200)
 
 
 @pytest.fixture(scope="module")
 def stress(tmp_path_factory):
     out = tmp_path_factory.mktemp("serve_stress")
     return run(SETTINGS, out, out / "logs", "tests/e2e/test_serve_stress.py")
-
-
-@pytest.fixture(scope="module")
-def plain_probe_tokens(tmp_path_factory, target_dir, tokenizer) -> list[list[int]]:
-    work = Workload(SETTINGS, PromptPool(tokenizer), str(target_dir))
-    result = run_engine_job(tmp_path_factory.mktemp("stress_plain"), {
-        "model": str(target_dir), "prompts": work.probe_prompts,
-        "max_tokens": SETTINGS.probe_tokens, "ignore_eos": True,
-        "max_num_batched_tokens": SETTINGS.max_num_batched_tokens,
-        "phases": [{"name": "single", "mode": "single"}]})
-    return result["phases"]["single"]["token_ids"]
 
 
 def test_no_5xx_no_engine_death(stress):
@@ -79,7 +61,8 @@ def test_seeded_request_alone_again_and_batched(stress):
         assert seeded["reproduced"]
 
 
-def test_greedy_probes_equal_plain_after_prefix_hits_under_load(stress, plain_probe_tokens):
+def test_greedy_probes_equal_plain_after_prefix_hits_under_load(stress, plain_run):
+    plain_probe_tokens = plain_run["stress_probes"]["token_ids"]
     server = stress["servers"]["chain"]
     passes = {"fresh": server["probes_fresh"], "cached": server["probes_cached"],
               "after_load": server["probes_after_load"],
