@@ -23,8 +23,9 @@ def test_cached_bench_reports_trainer_steps(tmp_path, capsys):
     result = json.loads(prefix.with_suffix(".json").read_text())
     assert result["mode"] == "cached" and result["timed_steps"] == 3
     assert result["epochs_over_cache"] == 2.0  # 1 warm-up + 3 steps over 2 sequences
-    # tokens per step / mean timed step (step_seconds are rounded to 1 ms)
-    expected = 32 / (sum(result["step_seconds"]) / 3)
-    assert abs(result["tokens_per_s"] - expected) < 0.02 * expected
+    # tokens per step / mean timed step; step_seconds are rounded to 1 ms, so
+    # the true mean is within 0.5 ms of theirs (steps here take a few ms)
+    mean = sum(result["step_seconds"]) / 3
+    assert 32 / (mean + 0.0005) <= result["tokens_per_s"] <= 32 / max(mean - 0.0005, 1e-4)
     assert "training tokens/s" in prefix.with_suffix(".md").read_text()
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["draft_vocab"] == 256
