@@ -90,6 +90,8 @@ class DraftRound:
         self.first_pass_rows: torch.Tensor | None = None
         # [num_reqs, hidden_size] the whole block's output at those rows
         self.first_pass_output: torch.Tensor | None = None
+        # chain positions drafted so far (seeded requests' coupled draws)
+        self.drafted_positions = 0
 
     @contextlib.contextmanager
     def open(self):
@@ -109,6 +111,12 @@ class DraftRound:
         """vLLM's first-pass preparation: the token index of each request's
         sampled row (``token_indices_to_sample``)."""
         self.first_pass_rows = rows
+
+    def next_draft_position(self) -> int:
+        """The chain position (1: the first draft after the step's tokens) of
+        the draft tokens vLLM is about to sample."""
+        self.drafted_positions += 1
+        return self.drafted_positions
 
     def next_forward(self) -> DraftInputs | None:
         """The inputs of the forward about to run: the first pass's while its

@@ -13,4 +13,9 @@ own steps, with ``LongSpecProposer`` drafting; ``docs/architecture.md``):
    the chain layout (``layout``) and answers in vLLM's format.
 4. ``LongSpecProposer`` drafts the next trees (``tree_drafter``) and hands
    them to ``TreeRounds``.
+
+In both modes, seeded requests are verified by the target's own draws, so they
+get plain decoding's tokens (``seeded``: ``SeededChainVerification`` wraps
+vLLM's rejection sampler, ``verify_step`` takes their rows out of the tree
+rule).
 """

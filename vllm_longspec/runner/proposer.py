@@ -94,7 +94,6 @@ class LongSpecProposer(DraftModelProposer):
         self.tree_drafter: TreeDrafter | None = None
         # Chains: context lookup and the speculation policy.
         self.adaptive = self._adaptive_chains(config)
-        self._draft_position = 0  # chain position being drafted (seeded requests)
 
     def _adaptive_chains(self, config: LongSpecConfig) -> AdaptiveChains | None:
         """Chains with context lookup and the speculation policy; None: vLLM's
@@ -262,7 +261,6 @@ class LongSpecProposer(DraftModelProposer):
         [num_reqs, hidden_size] (None when ``window_only``: a first pass that
         only keeps the window's K/V in step, for a round that proposes nothing)."""
         draft_round = DraftRound(cross_attention, window_only=window_only)
-        self._draft_position = 0  # chain position of the next _sample_from_logits
         with draft_round.open():
             draft_token_ids = super().propose(num_steps, *first_pass, **first_pass_kwargs)
         return draft_token_ids, draft_round.first_pass_output
@@ -323,15 +321,16 @@ class LongSpecProposer(DraftModelProposer):
         global generator): those verified by the target's own draws get the
         coupled draw (``seeded.coupled_draft_tokens``), the other seeded ones
         a draw from their own generator."""
-        self._draft_position += 1
         draft_token_ids, draft_probs = super()._sample_from_logits(logits, sampling_metadata)
+        draft_round = DraftRound.current()
+        position = draft_round.next_draft_position() if draft_round is not None else 1
         if draft_probs is None or not sampling_metadata.generators:
             return draft_token_ids, draft_probs
         num_reqs = self.runner.input_batch.num_reqs
         coupled = seeded.seeded_rows(self.runner, num_reqs)
         draft_token_ids = draft_token_ids.clone()
         for row, token in seeded.coupled_draft_tokens(
-                self.runner.sampler, logits, self._draft_position, coupled,
+                self.runner.sampler, logits, position, coupled,
                 sampling_metadata).items():
             draft_token_ids[row] = token
         own = {row: gen for row, gen in self._drafting_generators(sampling_metadata).items()
