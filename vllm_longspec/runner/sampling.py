@@ -55,14 +55,19 @@ def check_request_supported(req_id: str | None, sampling_params) -> None:
     (``req_id`` None: a request that has no id yet)."""
     if sampling_params is None:
         return
-    used = [name for name, neutral in UNSUPPORTED_SETTINGS.items()
-            if _is_set(getattr(sampling_params, name, neutral), neutral)]
+    used = unsupported_settings(sampling_params)
     if used:
         raise UnsupportedTreeSamplingError(
             f"{'This request' if req_id is None else f'Request {req_id!r}'} sets "
             f"{', '.join(used)}, which LongSpec tree "
             "speculation does not support yet; leave 'tree' out of "
             "--speculative-config to draft chains.", used)
+
+
+def unsupported_settings(sampling_params) -> list[str]:
+    """The fields of ``UNSUPPORTED_SETTINGS`` that ``sampling_params`` sets."""
+    return [name for name, neutral in UNSUPPORTED_SETTINGS.items()
+            if _is_set(getattr(sampling_params, name, neutral), neutral)]
 
 
 def batch_sampling(sampling_metadata, num_reqs: int) -> BatchSampling:

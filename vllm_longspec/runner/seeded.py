@@ -28,22 +28,23 @@ the tree drafter draws them from the global generator.
 
 Rows covered (``seeded_rows``): a generator (vLLM makes one for seeded, sampled
 requests), temperature > 0, and no setting beyond temperature / top-k / top-p
-(``UNSUPPORTED_SETTINGS``: penalties, logprobs, ... are applied outside this
+(``unsupported_settings``: penalties, logprobs, ... are applied outside this
 path); such other seeded rows keep vLLM's rejection sampling with their
 generator, reproducible only under the same schedule.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
+from vllm.v1.sample.rejection_sampler import PLACEHOLDER_TOKEN_ID
 
-from vllm_longspec.runner.sampling import UNSUPPORTED_SETTINGS, _is_set
+from vllm_longspec.runner.sampling import unsupported_settings
 from vllm_longspec.tree import verify_by_target_draws
 
-PLACEHOLDER_TOKEN_ID = -1  # vLLM's rejection_sampler.PLACEHOLDER_TOKEN_ID
 _SAMPLING_EPS = 1e-5       # vLLM's: a lower temperature is greedy
 
 
@@ -57,8 +58,7 @@ def seeded_rows(runner, num_reqs: int) -> dict[int, torch.Generator]:
         state = runner.requests.get(batch.req_ids[row])
         params = None if state is None else state.sampling_params
         if (params is not None and params.temperature >= _SAMPLING_EPS
-                and not any(_is_set(getattr(params, name, neutral), neutral)
-                            for name, neutral in UNSUPPORTED_SETTINGS.items())):
+                and not unsupported_settings(params)):
             rows[row] = generator
     return rows
 
@@ -147,10 +147,12 @@ class SeededChainVerification(nn.Module):
         draws = target_draws(self.runner, rows, num_drafts, logits, sampling_metadata)
         states = {row: rows[row].get_state() for row in draws}
         output = self.chain_sampler(metadata, draft_probs, logits, sampling_metadata)
+        if not draws:
+            return output
         for row, state in states.items():
             rows[row].set_state(state)
         drafts = metadata.draft_token_ids.tolist()
-        starts = [sum(num_drafts[:row]) for row in range(len(num_drafts))]
+        starts = [0, *itertools.accumulate(num_drafts)]
         for row, draw in draws.items():
             n = num_drafts[row]
             emitted, _ = verify_by_target_draws(
