@@ -132,6 +132,18 @@ class LongSpecSelfAttention(nn.Module):
         out, _ = self.o_proj(attended)
         return out
 
+    def write_window(self, positions: torch.Tensor, hidden: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+        """Only the K/V of these tokens into the cache at ``slot_mapping``
+        (vLLM's own cache write; no query, no attention)."""
+        qkv, _ = self.qkv_proj(hidden)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        _, k = self.rotary_emb(positions, q, k)
+        attn = self.attn
+        attn.impl.do_kv_cache_update(
+            attn, k.reshape(-1, self.num_kv_heads, self.head_dim),
+            v.reshape(-1, self.num_kv_heads, self.head_dim), attn.kv_cache, slot_mapping)
+
 
 class LongSpecCrossAttention(nn.Module):
     """Queries from the draft; keys/values are the target's last layer, as cached."""
@@ -298,6 +310,15 @@ class LongSpecForCausalLM(nn.Module):
         if drafting is not None:
             drafting.forward_done(draft_inputs, row_hidden)
         return hidden.index_copy(0, rows, row_hidden)
+
+    def write_window(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                     slot_mapping: torch.Tensor) -> None:
+        """Keep the window in step without drafting: the self-attention K/V of
+        these tokens, which depends on each token and its position alone,
+        written at ``slot_mapping``. What a first pass writes, at a fraction
+        of its cost (no attention, no metadata, no cross-attention, MLP or head)."""
+        self.self_attn.write_window(
+            positions, self.input_layernorm(self.embed_input_ids(input_ids)), slot_mapping)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.vocab_head is None:

@@ -19,6 +19,10 @@ Index (target -> module: why; upstream; removable when):
   place of ``DraftModelProposer``; in tree mode the hybrid backend and
   ``TreeRejectionSampler``; upstream: none (no plugin hook for proposers);
   when vLLM lets plugins provide a proposer.
+- ``kv_cache_utils.get_kv_cache_groups`` -> ``kv_cache_groups``: the target's
+  layers in a few KV cache groups instead of one per layer next to the
+  draft's window group (each group costs every step); upstream: none; when
+  vLLM groups layer types into groups of different sizes.
 - ``GPUModelRunner._prepare_inputs`` -> ``prepare_inputs``: tree mode: the
   step's ``TreeStep``, nodes rotated at their depth; upstream: none (vLLM
   verifies chains only); when vLLM verifies speculative trees.
@@ -59,6 +63,7 @@ from vllm_longspec.patches import (
     cpu_generator_rewind,
     cpu_top_k_empty,
     engine_args,
+    kv_cache_groups,
     model_runner,
     prepare_inputs,
     request_validation,
@@ -69,7 +74,7 @@ from vllm_longspec.patches import (
 # Applied in every vLLM process by ``plugin.register`` (``attention_backend``
 # and ``testing`` only when needed, see there; ``step_timer`` only with its
 # variable).
-PATCHES = (engine_args, v2_runner, model_runner, prepare_inputs, attention_metadata,
+PATCHES = (engine_args, v2_runner, model_runner, kv_cache_groups, prepare_inputs, attention_metadata,
            request_validation, cpu_expand_kernel, cpu_generator_rewind, cpu_top_k_empty,
            step_timer)
 

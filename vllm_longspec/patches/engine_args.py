@@ -94,9 +94,6 @@ def build_longspec_speculative_config(
         draft.draft_vocab_size)
 
     engine_args.spec_method = engine_args.spec_model = engine_args.spec_tokens = None
-    if (engine_args.disable_hybrid_kv_cache_manager is None
-            and attends_fully_everywhere(target_model_config)):
-        engine_args.disable_hybrid_kv_cache_manager = True
     engine_args.speculative_config = {
         "method": "draft_model",
         "model": str(draft.path),
@@ -113,34 +110,6 @@ def build_longspec_speculative_config(
     settings.store(hf_config)
     speculative_config.update_arch_()
     return speculative_config
-
-
-def attends_fully_everywhere(target_model_config) -> bool:
-    """Whether every target layer is full attention (no sliding window, chunked
-    local attention or recurrent state), so that the draft's layer can share
-    the target's KV cache group.
-
-    Why it matters: the draft's self-attention is a 512-token sliding window.
-    With vLLM's hybrid KV cache manager on, a window layer next to L full
-    layers makes L + 1 KV cache groups of one layer each (groups hold equal
-    numbers of layers), and every step then computes a slot mapping, a block
-    table and attention metadata per group: measured 3-4 ms of a 35-50 ms step
-    (SmolLM2-135M, 31 groups, CPU). With the manager off (vLLM's
-    ``disable_hybrid_kv_cache_manager``), the window layer is allocated like a
-    full layer and every layer is in one group: the draft's cache then holds
-    the whole context, 1/L more KV memory, and its attention still reads only
-    the window. A target that has local or recurrent layers of its own keeps
-    the hybrid manager (promoting those would cost far more memory); a user who
-    sets the option either way is followed.
-    """
-    if target_model_config.is_hybrid or target_model_config.attention_chunk_size:
-        return False
-    text = target_model_config.hf_text_config
-    layer_types = getattr(text, "layer_types", None) or ()
-    if any(kind not in ("attention", "full_attention") for kind in layer_types):
-        return False
-    windowed = getattr(text, "sliding_window", None) is not None
-    return not (windowed and getattr(text, "use_sliding_window", True))
 
 
 def check_tree_platform() -> None:

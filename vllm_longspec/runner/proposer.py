@@ -116,10 +116,8 @@ class LongSpecProposer(DraftModelProposer):
             )
         if self.tree_widths is not None:
             self._check_tree_support()
-            layers = self.vllm_config.compilation_config.static_forward_context
-            self.tree_drafter = TreeDrafter(
-                self.model, self.tree_widths,
-                layers[next(iter(self._draft_attn_layer_names))])
+            self.tree_drafter = TreeDrafter(self.model, self.tree_widths,
+                                            self._draft_layer())
 
     def _check_tree_support(self) -> None:
         layers = self.vllm_config.compilation_config.static_forward_context
@@ -284,14 +282,48 @@ class LongSpecProposer(DraftModelProposer):
         plan = self.adaptive.plan(self.runner.input_batch, num_reqs, first_pass[3],
                                   num_rejected_tokens, decoding)
         started = time.perf_counter()
-        # No draft token wanted: the first pass only writes the window's K/V.
-        draft_token_ids, _ = self._draft_with_vllm(
-            cross_attention, plan.draft_steps, *first_pass,
-            window_only=plan.draft_steps == 0, **first_pass_kwargs)
+        if plan.draft_steps == 0 and self._write_window(first_pass[0], first_pass[1],
+                                                        first_pass_kwargs["slot_mappings"]):
+            draft_token_ids = first_pass[0].new_empty((num_reqs, 0))
+            self._last_draft_probs = None
+        else:
+            # No draft token wanted: the first pass only writes the window's K/V.
+            draft_token_ids, _ = self._draft_with_vllm(
+                cross_attention, plan.draft_steps, *first_pass,
+                window_only=plan.draft_steps == 0, **first_pass_kwargs)
         drafting_ms = (time.perf_counter() - started) * 1e3
         proposals, self._last_draft_probs = self.adaptive.compose(
             plan, draft_token_ids, self._last_draft_probs, drafting_ms)
         return proposals
+
+    def _write_window(self, token_ids: torch.Tensor, positions: torch.Tensor,
+                      slot_mappings) -> bool:
+        """A round that drafts nothing: write the window K/V of the step's
+        target tokens, at the slots vLLM mapped for the draft's layer this
+        step, and nothing else. False where that cannot be done (M-RoPE,
+        micro-batched slot mappings, a backend that writes inside its
+        attention call): vLLM's first pass then does it.
+
+        What differs from the first pass: it also writes the rejected tokens
+        and skips the bonus token. Both are harmless for the reason in this
+        module's docstring: a draft query at position p only reads positions
+        <= p, and each of those was last written by the latest step whose
+        target tokens reached it, i.e. with the committed token (the bonus
+        token is the first target token of the next step)."""
+        layer = self._draft_layer()
+        if (self.runner.uses_mrope or not isinstance(slot_mappings, dict)
+                or layer.layer_name not in slot_mappings
+                or layer.attn_backend.forward_includes_kv_cache_update
+                or not hasattr(layer.impl, "do_kv_cache_update")):
+            return False
+        num_tokens = token_ids.shape[0]
+        self.model.write_window(token_ids, positions[:num_tokens],
+                                slot_mappings[layer.layer_name][:num_tokens])
+        return True
+
+    def _draft_layer(self) -> Attention:
+        layers = self.vllm_config.compilation_config.static_forward_context
+        return layers[next(iter(self._draft_attn_layer_names))]
 
     def _propose_trees(self, cross_attention: CrossAttentionInputs, window_block_table,
                        *first_pass, **first_pass_kwargs) -> torch.Tensor:
