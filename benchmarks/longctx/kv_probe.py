@@ -32,14 +32,22 @@ from benchmarks.longctx.prompt_file import PromptRecord
 DRAFT_MEMORY_TOKENS = 24  # decode steps sampled per context length
 
 
-def _kv_bytes_by_group(scheduler) -> dict[str, int]:
+def held_kv(scheduler) -> dict[str, dict[str, int]]:
+    """Per KV cache group (its layer names joined by commas), the blocks the
+    running requests hold and the bytes those reserve. A block id reserves
+    one page in each of vLLM's per-slot tensors, as many as the largest group
+    has layers, whether or not the group fills them (a smaller group's
+    padding, ``vllm_longspec/patches/kv_cache_groups.py``)."""
     groups = scheduler.kv_cache_config.kv_cache_groups
     managers = scheduler.kv_cache_manager.coordinator.single_type_managers
+    pages_per_block = max(len(group.layer_names) for group in groups)
     held = {}
     for group, manager in zip(groups, managers, strict=True):
         blocks = sum(1 for request_blocks in manager.req_to_blocks.values()
                      for block in request_blocks if not block.is_null)
-        held[",".join(group.layer_names)] = blocks * group.kv_cache_spec.page_size_bytes
+        held[",".join(group.layer_names)] = {
+            "blocks": blocks,
+            "bytes": blocks * pages_per_block * group.kv_cache_spec.page_size_bytes}
     return held
 
 
@@ -57,10 +65,11 @@ def probe_request(llm, prompt_token_ids: list[int], max_tokens: int) -> dict[str
     while engine.has_unfinished_requests():
         outputs = engine.step()
         if any(output.outputs[0].token_ids for output in outputs):
-            samples.append(_kv_bytes_by_group(scheduler))
+            samples.append(held_kv(scheduler))
     steady = samples[1:-1] or samples
-    draft = [sum(v for name, v in s.items() if "draft_model" in name) for s in steady]
-    target = [sum(v for name, v in s.items() if "draft_model" not in name)
+    draft = [sum(v["bytes"] for name, v in s.items() if "draft_model" in name)
+             for s in steady]
+    target = [sum(v["bytes"] for name, v in s.items() if "draft_model" not in name)
               for s in steady]
     return {"num_prompt_tokens": len(prompt_token_ids),
             "target_kv_bytes": int(statistics.median(target)),

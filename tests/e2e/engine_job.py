@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 COUNTERS = (
     "vllm:spec_decode_num_drafts",
@@ -51,25 +52,20 @@ def counter_delta(before: dict, after: dict) -> dict:
 
 
 def kv_bytes_per_group(llm, prompt, params) -> list[dict]:
-    """Run one request step by step; after each decode step, the KV bytes it
-    holds in every KV cache group (needs VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    """Run one request step by step; after each decode step, the KV blocks and
+    bytes it holds in every KV cache group (``kv_probe.held_kv``; needs
+    VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+    from benchmarks.longctx.kv_probe import held_kv
+
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler
-    groups = scheduler.kv_cache_config.kv_cache_groups
-    managers = scheduler.kv_cache_manager.coordinator.single_type_managers
     llm.llm_engine.add_request("kv-probe", prompt, params)
     samples = []
     while llm.llm_engine.has_unfinished_requests():
         outputs = llm.llm_engine.step()
         if not any(o.outputs and o.outputs[0].token_ids for o in outputs):
             continue  # still in prefill
-        sample = {}
-        for group, manager in zip(groups, managers, strict=True):
-            blocks = [b for req_blocks in manager.req_to_blocks.values()
-                      for b in req_blocks if not b.is_null]
-            name = ",".join(group.layer_names)
-            sample[name] = {"blocks": len(blocks),
-                            "bytes": len(blocks) * group.kv_cache_spec.page_size_bytes}
-        samples.append(sample)
+        samples.append(held_kv(scheduler))
     return samples
 
 

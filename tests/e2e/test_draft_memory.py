@@ -2,7 +2,7 @@
 
 The shared random-draft chain engine (``conftest.py``) runs a 1074-token and a
 7218-token prompt one at a time and reports, after every decode step, the KV
-blocks each cache group holds.
+blocks each cache group holds and the bytes they reserve.
 """
 
 from __future__ import annotations
@@ -12,6 +12,10 @@ def test_draft_kv_bytes_do_not_grow_with_context(random_chain_run):
     short, long = random_chain_run["kv"]["samples"]
     draft_group = next(name for name in short[0] if "draft_model" in name)
     target_group = next(name for name in short[0] if "layers.29." in name)
+    # The draft's window layer alone; the target's 30 layers in 5 groups of 6
+    # (patches/kv_cache_groups.py), not one group per layer.
+    assert draft_group.count(",") == 0
+    assert sorted(name.count(",") + 1 for name in short[0] if name != draft_group) == [6] * 5
     # Steady decoding: the step right after prefill still holds the last
     # prefill chunk's blocks (freed when the next step is scheduled), and the
     # final sample is taken after the request finished and freed everything.

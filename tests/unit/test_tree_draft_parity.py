@@ -331,3 +331,40 @@ def test_window_only_round_runs_self_attention_alone(vllm_draft, monkeypatch):
         assert full_round.first_pass_output.shape == (2, embedded.shape[1])
         torch.testing.assert_close(out[0], after_self[0])  # not a sampled row
         assert not torch.allclose(out[1:], after_self[1:])
+
+
+def test_window_write_stores_the_training_models_keys_and_values(vllm_draft, monkeypatch):
+    """``write_window`` (a round that drafts nothing: only the step's K/V into
+    the window cache, no attention) stores at each token's slot the training
+    model's self-attention K/V for that token and position, exactly what the
+    tree levels and the next chain round read: the cache equals one that
+    vLLM's own cache write filled with the training model's K/V at the same
+    slots of a shuffled block table (untouched slots stay zero in both)."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from vllm_longspec.attention.kv_cache import split_kv_cache
+
+    gen = torch.Generator().manual_seed(5)
+    training = TrainingSide(vllm_draft.embed_weight, vllm_draft.lm_head_weight)
+    kv_heads, head = TARGET_CONFIG["num_key_value_heads"], TARGET_CONFIG["head_dim"]
+    isa = _get_attn_isa(torch.float32, BLOCK_SIZE, head)
+    num_tokens, num_blocks = 70, 5
+    tokens = torch.randint(TARGET_CONFIG["vocab_size"], (num_tokens,), generator=gen)
+    keys, values = training.window_kv(tokens.tolist())  # [n, kv_heads, head]
+    block_table = torch.randperm(num_blocks, generator=gen)[:3]
+    # the last 45 tokens, as one step's target tokens at positions 25..69
+    positions = torch.arange(25, num_tokens)
+    slots = block_table[positions // BLOCK_SIZE] * BLOCK_SIZE + positions % BLOCK_SIZE
+    expected = torch.zeros(num_blocks, kv_heads, BLOCK_SIZE, 2 * head)
+    ops.cpu_attn_reshape_and_cache(keys[positions].contiguous(),
+                                   values[positions].contiguous(),
+                                   *split_kv_cache(expected, "cpu"), slots, isa)
+    cache = torch.zeros_like(expected)
+    attn = vllm_draft.model.self_attn.attn
+    monkeypatch.setattr(attn, "kv_cache", cache, raising=False)
+    monkeypatch.setattr(attn, "isa", isa, raising=False)
+    with torch.no_grad():
+        vllm_draft.model.write_window(tokens[positions], positions, slots)
+    assert cache.abs().sum() > 0
+    torch.testing.assert_close(cache, expected)

@@ -88,6 +88,8 @@ PINNED_EXACTLY = [
      ["self", "scheduler_output", "sampled_token_ids", "sampling_metadata",
       "hidden_states", "sample_hidden_states", "aux_hidden_states",
       "spec_decode_metadata", "common_attn_metadata", "slot_mappings"]),
+    # The target's layers regrouped next to the draft's (patches/kv_cache_groups.py).
+    ("vllm.v1.core.kv_cache_utils", "get_kv_cache_groups", ["vllm_config", "kv_cache_spec"]),
 ]
 
 # (module, qualified name, parameters we pass): called.
@@ -254,6 +256,22 @@ SOURCE_FACTS = [
     ("vllm.v1.core.sched.scheduler", "Scheduler.update_from_output",
      ["num_accepted = max(len(generated_token_ids) - num_sampled, 0)",
       "request.num_computed_tokens -= num_rejected"]),
+    # One group per layer next to a window layer, and vLLM looks the grouping
+    # up by name at call time (patches/kv_cache_groups.py); groups of unequal
+    # size share block ids, one page per slot tensor.
+    ("vllm.v1.core.kv_cache_utils", "_get_kv_cache_groups_uniform_page_size",
+     ["group_size = min_num_layers", "grouped_layers.append(layers[i::num_groups])"]),
+    ("vllm.v1.core.kv_cache_utils", "get_kv_cache_configs",
+     ["get_kv_cache_groups(vllm_config, "]),
+    ("vllm.v1.kv_cache_interface", "KVCacheGroupSpec", ["layer_names:", "kv_cache_spec:"]),
+    # A window-only round writes the draft's K/V as vLLM's attention layer does.
+    ("vllm.v1.attention.backends.cpu_attn", "CPUAttentionBackendImpl.do_kv_cache_update",
+     ["layer.isa"]),
+    ("vllm.model_executor.layers.attention.attention", "Attention.forward",
+     ["key = key.view(-1, self.num_kv_heads, self.head_size)",
+      "forward_includes_kv_cache_update"]),
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._get_slot_mappings",
+     ["slot_mappings_by_layer[layer_name] = slot_mapping"]),
     # Plugins are loaded before the speculative config is built.
     ("vllm.engine.arg_utils", "EngineArgs.__post_init__", ["load_general_plugins()"]),
     ("vllm.engine.arg_utils", "EngineArgs.create_engine_config",
