@@ -2,7 +2,7 @@
 
     python -m benchmarks.time_split [--prompt-id ID] [--max-tokens N] [--k K] [--batch B]
         [--methods plain ngram longspec longspec_fixed longspec_draft longspec_tree]
-        [--tree W1 W2 ...] [--dtype bfloat16]
+        [--tree W1 W2 ...] [--dtype bfloat16] [--rounds R]
 
 Decodes one prompt of ``benchmarks/prompts/longctx-v1.jsonl`` (greedy; with
 ``--batch B``, B copies of it at once, as the long-context benchmark's batched
@@ -10,7 +10,11 @@ cells do) with plain vLLM, ``ngram`` and LongSpec (the shipped draft), each in i
 own engine process with ``VLLM_LONGSPEC_TIME_SPLIT`` set
 (``vllm_longspec/patches/step_timer.py``), and prints the mean milliseconds per decode
 step of the target forward, the drafting and everything else, plus tokens per
-step. Writes ``benchmarks/results/time_split.json``.
+step. With ``--rounds R`` the methods run R times in rotation (plain, ngram,
+longspec, plain, ...) and each figure is the median over its R runs: on a
+shared VM one engine's forward can run 10-20% slower than the next one's, and
+rotating keeps that drift from landing on one method. Writes
+``benchmarks/results/time_split.json`` (the medians, and every run).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,6 +79,8 @@ def main(argv: list[str] | None = None) -> None:
                         "lookup); longspec_draft: adaptive chains of the draft alone")
     parser.add_argument("--tree", type=int, nargs="+", default=[2, 2, 2],
                         help="level widths for the longspec_tree method")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the methods this many times in rotation; report medians")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/time_split.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -85,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from vllm_longspec.assets import ensure_default_target
-    from vllm_longspec.patches.step_timer import ENV_VAR, summarise
+
 
     model = str(ensure_default_target(progress=False))
     record = next(r for r in map(json.loads, PROMPTS.read_text().splitlines())
@@ -93,33 +100,53 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="time-split-"))
     prompt_file = workdir / "prompt.json"
     prompt_file.write_text(json.dumps(record["prompt_token_ids"]))
-    results = {}
-    for method in args.methods:
-        split_file = workdir / f"{method}.jsonl"
-        command = [sys.executable, "-m", "benchmarks.time_split", "--worker",
-                   "--method", method, "--model", model, "--prompt-file", str(prompt_file),
-                   "--max-tokens", str(args.max_tokens), "--k", str(args.k),
-                   "--batch", str(args.batch), "--dtype", args.dtype,
-                   "--tree", *map(str, args.tree)]
-        env = {**os.environ, ENV_VAR: str(split_file), "VLLM_LOGGING_LEVEL": "ERROR"}
-        proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
-        if proc.returncode != 0:
-            sys.exit(f"{method} failed:\n{proc.stderr[-4000:]}")
-        tokens = int(proc.stdout.split("TOKENS ")[-1].split()[0])
-        per_request = (sum(args.tree) if method == "longspec_tree" else args.k) + 1
-        summary = summarise(split_file, max_tokens_per_request=per_request)
-        # Each request's first output token comes from prefill, the others from
-        # decode steps; tokens per step counts all requests of a step.
-        summary["tokens_per_step"] = round(
-            (tokens - args.batch) / max(summary["decode_steps"], 1), 2)
-        summary["ms_per_token"] = round(summary["step_ms"] / summary["tokens_per_step"], 2)
-        results[method] = summary
-        print(f"{method:9s} " + "  ".join(f"{k}={v}" for k, v in summary.items()), flush=True)
+    runs: dict[str, list[dict]] = {method: [] for method in args.methods}
+    for round_index in range(args.rounds):
+        for method in args.methods:
+            split_file = workdir / f"{method}-{round_index}.jsonl"
+            summary = _run_method(args, method, model, prompt_file, split_file)
+            runs[method].append(summary)
+            print(f"{method:9s} " + "  ".join(f"{k}={v}" for k, v in summary.items()),
+                  flush=True)
+    results = {method: _median(summaries) for method, summaries in runs.items()}
+    if args.rounds > 1:
+        for method, summary in results.items():
+            print(f"median {method:9s} " + "  ".join(f"{k}={v}" for k, v in summary.items()))
     Path(args.out).write_text(json.dumps({
         "prompt_id": args.prompt_id, "prompt_tokens": len(record["prompt_token_ids"]),
         "max_tokens": args.max_tokens, "k": args.k, "tree": args.tree, "batch": args.batch,
-        "dtype": args.dtype,
-        "results": results}, indent=1) + "\n")
+        "dtype": args.dtype, "rounds": args.rounds,
+        "results": results, "runs": runs}, indent=1) + "\n")
+
+
+def _run_method(args, method: str, model: str, prompt_file: Path, split_file: Path) -> dict:
+    """One engine process decoding with ``method``; its per-decode-step means."""
+    from vllm_longspec.patches.step_timer import ENV_VAR, summarise
+
+    command = [sys.executable, "-m", "benchmarks.time_split", "--worker",
+               "--method", method, "--model", model, "--prompt-file", str(prompt_file),
+               "--max-tokens", str(args.max_tokens), "--k", str(args.k),
+               "--batch", str(args.batch), "--dtype", args.dtype,
+               "--tree", *map(str, args.tree)]
+    env = {**os.environ, ENV_VAR: str(split_file), "VLLM_LOGGING_LEVEL": "ERROR"}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        sys.exit(f"{method} failed:\n{proc.stderr[-4000:]}")
+    tokens = int(proc.stdout.split("TOKENS ")[-1].split()[0])
+    per_request = (sum(args.tree) if method == "longspec_tree" else args.k) + 1
+    summary = summarise(split_file, max_tokens_per_request=per_request)
+    # Each request's first output token comes from prefill, the others from
+    # decode steps; tokens per step counts all requests of a step.
+    summary["tokens_per_step"] = round(
+        (tokens - args.batch) / max(summary["decode_steps"], 1), 2)
+    summary["ms_per_token"] = round(summary["step_ms"] / summary["tokens_per_step"], 2)
+    return summary
+
+
+def _median(summaries: list[dict]) -> dict:
+    """Each figure's median over the runs (one run: that run)."""
+    return {key: round(statistics.median(s[key] for s in summaries), 2)
+            for key in summaries[0]}
 
 
 if __name__ == "__main__":
