@@ -2,7 +2,7 @@
 
     python -m benchmarks.time_split [--prompt-id ID] [--max-tokens N] [--k K] [--batch B]
         [--methods plain ngram longspec longspec_fixed longspec_draft longspec_tree]
-        [--tree W1 W2 ...] [--dtype bfloat16] [--rounds R]
+        [--tree W1 W2 ...] [--dtype bfloat16] [--rounds R] [--against REV ...]
 
 Decodes one prompt of ``benchmarks/prompts/longctx-v1.jsonl`` (greedy; with
 ``--batch B``, B copies of it at once, as the long-context benchmark's batched
@@ -13,7 +13,11 @@ step of the target forward, the drafting and everything else, plus tokens per
 step. With ``--rounds R`` the methods run R times in rotation (plain, ngram,
 longspec, plain, ...) and each figure is the median over its R runs: on a
 shared VM one engine's forward can run 10-20% slower than the next one's, and
-rotating keeps that drift from landing on one method. Writes
+rotating keeps that drift from landing on one method. ``--against REV ...`` also
+runs every method with the plugin as it was at each git revision REV
+(``name@REV`` in the output, in the same rotation): the check that a change
+kept the speed.
+Writes
 ``benchmarks/results/time_split.json`` (the medians, and every run).
 """
 
@@ -81,6 +85,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="level widths for the longspec_tree method")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the methods this many times in rotation; report medians")
+    parser.add_argument("--against", metavar="REV", nargs="+", default=[],
+                        help="also run each method with vllm_longspec at these git revisions")
     parser.add_argument("--out", default=str(ROOT / "benchmarks/results/time_split.json"))
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", help=argparse.SUPPRESS)
@@ -100,13 +106,20 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="time-split-"))
     prompt_file = workdir / "prompt.json"
     prompt_file.write_text(json.dumps(record["prompt_token_ids"]))
-    runs: dict[str, list[dict]] = {method: [] for method in args.methods}
+    # variant name -> the directory the worker runs in (its vllm_longspec)
+    checkouts = {rev: _checkout(rev, workdir / f"at-{rev}") for rev in args.against}
+    variants = {}
+    for method in args.methods:
+        variants[method] = ROOT
+        variants.update({f"{method}@{rev}": root for rev, root in checkouts.items()})
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
     for round_index in range(args.rounds):
-        for method in args.methods:
-            split_file = workdir / f"{method}-{round_index}.jsonl"
-            summary = _run_method(args, method, model, prompt_file, split_file)
-            runs[method].append(summary)
-            print(f"{method:9s} " + "  ".join(f"{k}={v}" for k, v in summary.items()),
+        for name, root in variants.items():
+            split_file = workdir / f"{name}-{round_index}.jsonl"
+            summary = _run_method(args, name.split("@")[0], model, prompt_file, split_file,
+                                  root)
+            runs[name].append(summary)
+            print(f"{name:9s} " + "  ".join(f"{k}={v}" for k, v in summary.items()),
                   flush=True)
     results = {method: _median(summaries) for method, summaries in runs.items()}
     if args.rounds > 1:
@@ -115,12 +128,32 @@ def main(argv: list[str] | None = None) -> None:
     Path(args.out).write_text(json.dumps({
         "prompt_id": args.prompt_id, "prompt_tokens": len(record["prompt_token_ids"]),
         "max_tokens": args.max_tokens, "k": args.k, "tree": args.tree, "batch": args.batch,
-        "dtype": args.dtype, "rounds": args.rounds,
+        "dtype": args.dtype, "rounds": args.rounds, "against": args.against,
         "results": results, "runs": runs}, indent=1) + "\n")
 
 
-def _run_method(args, method: str, model: str, prompt_file: Path, split_file: Path) -> dict:
-    """One engine process decoding with ``method``; its per-decode-step means."""
+def _checkout(revision: str, directory: Path) -> Path:
+    """``vllm_longspec`` as it was at ``revision`` next to this ``benchmarks``
+    package: a worker started there imports that plugin (``python -m`` puts
+    its working directory first on the path, and vLLM's engine process
+    inherits the path)."""
+    import io
+    import shutil
+    import tarfile
+
+    archive = subprocess.run(["git", "archive", revision, "vllm_longspec"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    directory.mkdir(parents=True)
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(directory, filter="data")
+    shutil.copytree(ROOT / "benchmarks", directory / "benchmarks")
+    return directory
+
+
+def _run_method(args, method: str, model: str, prompt_file: Path, split_file: Path,
+                root: Path = ROOT) -> dict:
+    """One engine process decoding with ``method`` and the plugin found in
+    ``root``; its per-decode-step means."""
     from vllm_longspec.patches.step_timer import ENV_VAR, summarise
 
     command = [sys.executable, "-m", "benchmarks.time_split", "--worker",
@@ -129,7 +162,7 @@ def _run_method(args, method: str, model: str, prompt_file: Path, split_file: Pa
                "--batch", str(args.batch), "--dtype", args.dtype,
                "--tree", *map(str, args.tree)]
     env = {**os.environ, ENV_VAR: str(split_file), "VLLM_LOGGING_LEVEL": "ERROR"}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=root)
     if proc.returncode != 0:
         sys.exit(f"{method} failed:\n{proc.stderr[-4000:]}")
     tokens = int(proc.stdout.split("TOKENS ")[-1].split()[0])

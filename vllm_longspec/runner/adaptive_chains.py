@@ -16,9 +16,9 @@
    step with the history;
 3. asks the policy for each request's K in 0..K_max and its source: the
    lookup's continuation when its match is long enough (``LookupRule``), else
-   the draft's chain; ``draft_steps`` = the longest draft chain (0: the draft
-   only runs its self-attention over the step's tokens, a window-only first
-   pass that keeps its window cache in step: no cross-attention, no LM head).
+   the draft's chain; ``draft_steps`` = the longest draft chain (0: no draft
+   forward; the proposer only writes the step's self-attention K/V into the
+   draft's window, ``LongSpecProposer._write_window``).
 
 After drafting, ``compose`` builds vLLM's per-request proposal lists (a
 request may get fewer tokens than another, or none) and, when the draft

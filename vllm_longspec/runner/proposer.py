@@ -275,8 +275,9 @@ class LongSpecProposer(DraftModelProposer):
                           **first_pass_kwargs) -> list[list[int]]:
         """Chains with context lookup and the speculation policy
         (``adaptive_chains``): per request K_r tokens, from the lookup or the
-        draft; the draft runs ``plan.draft_steps`` steps (0: its first pass
-        only, which keeps its window cache in step)."""
+        draft; the draft runs ``plan.draft_steps`` steps (0: no draft forward,
+        the step's K/V written into the window, ``_write_window``; where that
+        cannot be done, vLLM's first pass alone)."""
         num_reqs = cross_attention.num_reqs
         decoding = ~self.runner.discard_request_mask.np[:num_reqs].astype(bool)
         plan = self.adaptive.plan(self.runner.input_batch, num_reqs, first_pass[3],
@@ -287,7 +288,7 @@ class LongSpecProposer(DraftModelProposer):
             draft_token_ids = first_pass[0].new_empty((num_reqs, 0))
             self._last_draft_probs = None
         else:
-            # No draft token wanted: the first pass only writes the window's K/V.
+            # Drafting, or a window write vLLM's first pass must do (window_only).
             draft_token_ids, _ = self._draft_with_vllm(
                 cross_attention, plan.draft_steps, *first_pass,
                 window_only=plan.draft_steps == 0, **first_pass_kwargs)
