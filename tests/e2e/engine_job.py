@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # benchmarks/, for held_kv
+
 COUNTERS = (
     "vllm:spec_decode_num_drafts",
     "vllm:spec_decode_num_draft_tokens",
@@ -55,7 +57,6 @@ def kv_bytes_per_group(llm, prompt, params) -> list[dict]:
     """Run one request step by step; after each decode step, the KV blocks and
     bytes it holds in every KV cache group (``kv_probe.held_kv``; needs
     VLLM_ENABLE_V1_MULTIPROCESSING=0)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
     from benchmarks.longctx.kv_probe import held_kv
 
     scheduler = llm.llm_engine.engine_core.engine_core.scheduler

@@ -123,11 +123,15 @@ class LongSpecSelfAttention(nn.Module):
             prefix=attn_layer_name,
         )
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
-                level: LevelSelfAttention | None = None) -> torch.Tensor:
+    def _rotated_qkv(self, positions: torch.Tensor, hidden: torch.Tensor):
         qkv, _ = self.qkv_proj(hidden)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
+        return q, k, v
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                level: LevelSelfAttention | None = None) -> torch.Tensor:
+        q, k, v = self._rotated_qkv(positions, hidden)
         attended = self.attn(q, k, v) if level is None else level(q, k, v)
         out, _ = self.o_proj(attended)
         return out
@@ -136,9 +140,7 @@ class LongSpecSelfAttention(nn.Module):
                      slot_mapping: torch.Tensor) -> None:
         """Only the K/V of these tokens into the cache at ``slot_mapping``
         (vLLM's own cache write; no query, no attention)."""
-        qkv, _ = self.qkv_proj(hidden)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        _, k = self.rotary_emb(positions, q, k)
+        _, k, v = self._rotated_qkv(positions, hidden)
         attn = self.attn
         attn.impl.do_kv_cache_update(
             attn, k.reshape(-1, self.num_kv_heads, self.head_dim),

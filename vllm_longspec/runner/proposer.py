@@ -114,10 +114,18 @@ class LongSpecProposer(DraftModelProposer):
                 "The LongSpec draft must register exactly one KV-cached attention "
                 f"layer, found {sorted(self._draft_attn_layer_names)}."
             )
+        layers = self.vllm_config.compilation_config.static_forward_context
+        self.window_layer = layers[next(iter(self._draft_attn_layer_names))]
+        # Rounds that draft nothing write the window K/V themselves
+        # (``_write_window``) unless M-RoPE positions or a backend that writes
+        # its cache inside the attention call rule it out.
+        self.writes_window = not (
+            self.runner.uses_mrope
+            or self.window_layer.attn_backend.forward_includes_kv_cache_update
+            or not hasattr(self.window_layer.impl, "do_kv_cache_update"))
         if self.tree_widths is not None:
             self._check_tree_support()
-            self.tree_drafter = TreeDrafter(self.model, self.tree_widths,
-                                            self._draft_layer())
+            self.tree_drafter = TreeDrafter(self.model, self.tree_widths, self.window_layer)
 
     def _check_tree_support(self) -> None:
         layers = self.vllm_config.compilation_config.static_forward_context
@@ -301,9 +309,9 @@ class LongSpecProposer(DraftModelProposer):
                       slot_mappings) -> bool:
         """A round that drafts nothing: write the window K/V of the step's
         target tokens, at the slots vLLM mapped for the draft's layer this
-        step, and nothing else. False where that cannot be done (M-RoPE,
-        micro-batched slot mappings, a backend that writes inside its
-        attention call): vLLM's first pass then does it.
+        step, and nothing else. False where that cannot be done
+        (``writes_window`` off, micro-batched slot mappings): vLLM's first
+        pass then does it.
 
         What differs from the first pass: it also writes the rejected tokens
         and skips the bonus token. Both are harmless for the reason in this
@@ -311,20 +319,14 @@ class LongSpecProposer(DraftModelProposer):
         <= p, and each of those was last written by the latest step whose
         target tokens reached it, i.e. with the committed token (the bonus
         token is the first target token of the next step)."""
-        layer = self._draft_layer()
-        if (self.runner.uses_mrope or not isinstance(slot_mappings, dict)
-                or layer.layer_name not in slot_mappings
-                or layer.attn_backend.forward_includes_kv_cache_update
-                or not hasattr(layer.impl, "do_kv_cache_update")):
+        name = self.window_layer.layer_name
+        if not (self.writes_window and isinstance(slot_mappings, dict)
+                and name in slot_mappings):
             return False
         num_tokens = token_ids.shape[0]
         self.model.write_window(token_ids, positions[:num_tokens],
-                                slot_mappings[layer.layer_name][:num_tokens])
+                                slot_mappings[name][:num_tokens])
         return True
-
-    def _draft_layer(self) -> Attention:
-        layers = self.vllm_config.compilation_config.static_forward_context
-        return layers[next(iter(self._draft_attn_layer_names))]
 
     def _propose_trees(self, cross_attention: CrossAttentionInputs, window_block_table,
                        *first_pass, **first_pass_kwargs) -> torch.Tensor:
