@@ -189,23 +189,24 @@ class DraftRecorder:
 
     @staticmethod
     def capture(model) -> list[torch.Tensor]:
-        """Wrap ``model.compute_logits`` until ``release``; returns the list it fills
-        (one [num_rows, vocab] float32 copy per call: a chain's draft steps, or a
-        tree's levels, ``tests/unit/test_tree_draft_parity.py``)."""
+        """Wrap ``model.draft_logits`` until ``release``; returns the list it fills
+        (one [num_rows, vocab] float32 copy per call, over the whole vocabulary:
+        a chain's draft steps, or a tree's levels,
+        ``tests/unit/test_tree_draft_parity.py``)."""
         captured: list[torch.Tensor] = []
-        compute_logits = model.compute_logits
+        draft_logits = model.draft_logits
 
         def recording(hidden_states: torch.Tensor) -> torch.Tensor:
-            logits = compute_logits(hidden_states)
-            captured.append(logits.detach().float().cpu().clone())
+            logits = draft_logits(hidden_states)
+            captured.append(model.vocabulary_logits(logits).detach().float().cpu().clone())
             return logits
 
-        model.compute_logits = recording
+        model.draft_logits = recording
         return captured
 
     @staticmethod
     def release(model) -> None:
-        del model.compute_logits  # back to the class's method
+        del model.draft_logits  # back to the class's method
 
     def save(self, logits: list[torch.Tensor], draft_token_ids: torch.Tensor,
              runner, committed_lens: torch.Tensor) -> None:

@@ -12,7 +12,8 @@ Draft vocabulary (optional, ``draft_vocab`` in the checkpoint): the LM head is
 then the target's rows for a frequent subset of tokens, copied once at load;
 other tokens get logit -inf, so the draft never proposes them (greedy) or gives
 them probability 0 (sampled). Verification is unchanged, so output is too; only
-the LM head, the biggest cost of a draft step, reads N rows instead of V.
+the LM head, the biggest cost of a draft step, reads N rows instead of V, and
+drafting samples in those N columns (``draft_logits``, ``tree.DraftVocabulary``).
 
 Memory: the self-attention is a vLLM ``Attention`` layer with a sliding window,
 so vLLM gives it its own KV cache group whose blocks outside the window are
@@ -68,6 +69,7 @@ from vllm_longspec.model.draft_inputs import (
     DraftRound,
 )
 from vllm_longspec.model.level_attention import LevelSelfAttention
+from vllm_longspec.tree.vocabulary import DraftVocabulary
 
 
 def _head_dim(config) -> int:
@@ -260,7 +262,10 @@ class LongSpecForCausalLM(nn.Module):
         self.logits_processor = LogitsProcessor(config.vocab_size)
         self.register_buffer(DRAFT_VOCAB, torch.zeros(settings.draft_vocab_size,
                                                       dtype=torch.long), persistent=False)
-        self.vocab_head: torch.Tensor | None = None  # [N, hidden], set by bind_target
+        # Set by bind_target with a draft vocabulary: its LM head rows [N, hidden]
+        # and the token ids of its columns.
+        self.vocab_head: torch.Tensor | None = None
+        self.vocabulary: DraftVocabulary | None = None
         # Bound to the target's modules by the proposer after loading.
         self.embed_tokens: nn.Module | None = None
         self.lm_head: nn.Module | None = None
@@ -275,6 +280,7 @@ class LongSpecForCausalLM(nn.Module):
                     "(the LM head rows are sharded otherwise)."
                 )
             self.vocab_head = lm_head.weight.detach()[self.draft_vocab].contiguous()
+            self.vocabulary = DraftVocabulary(self.draft_vocab, self.config.vocab_size)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -322,14 +328,23 @@ class LongSpecForCausalLM(nn.Module):
         self.self_attn.write_window(
             positions, self.input_layernorm(self.embed_input_ids(input_ids)), slot_mapping)
 
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def draft_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[N, C] the logits of what the draft can propose: the columns of
+        ``vocabulary`` with a draft vocabulary, else the whole vocabulary."""
         if self.vocab_head is None:
             return self.logits_processor(self.lm_head, hidden_states)
-        logits = hidden_states.new_full(
-            (hidden_states.shape[0], self.config.vocab_size), float("-inf")
-        )
-        logits[:, self.draft_vocab] = hidden_states @ self.vocab_head.T
-        return logits
+        return hidden_states @ self.vocab_head.T
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[N, V] (vLLM's interface): -inf outside the draft vocabulary."""
+        return self.vocabulary_logits(self.draft_logits(hidden_states))
+
+    def vocabulary_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``draft_logits`` [N, C] -> [N, V], -inf outside the draft vocabulary."""
+        if self.vocabulary is None:
+            return logits
+        full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.vocabulary.token_ids, logits)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())

@@ -346,7 +346,7 @@ class LongSpecProposer(DraftModelProposer):
                      window_block_table: torch.Tensor, sampling_metadata) -> BeamTree:
         """root_hidden: [num_reqs, hidden] the draft's output at each root."""
         return self.tree_drafter.draft(
-            self.model.compute_logits(root_hidden), cross_attention, window_block_table,
+            self.model.draft_logits(root_hidden), cross_attention, window_block_table,
             self._drafting_sampling(sampling_metadata, cross_attention.num_reqs))
 
     @override
@@ -356,7 +356,8 @@ class LongSpecProposer(DraftModelProposer):
         global generator): those verified by the target's own draws get the
         coupled draw (``seeded.coupled_draft_tokens``), the other seeded ones
         a draw from their own generator."""
-        draft_token_ids, draft_probs = super()._sample_from_logits(logits, sampling_metadata)
+        draft_token_ids, draft_probs = self._sample_in_draft_vocabulary(logits,
+                                                                        sampling_metadata)
         draft_round = DraftRound.current()
         position = draft_round.next_draft_position() if draft_round is not None else 1
         if draft_probs is None or not sampling_metadata.generators:
@@ -372,6 +373,17 @@ class LongSpecProposer(DraftModelProposer):
                if row not in coupled}
         return (reseed_draft_tokens(draft_token_ids, draft_probs, own,
                                     sampling_metadata.temperature), draft_probs)
+
+    def _sample_in_draft_vocabulary(self, logits, sampling_metadata):
+        """vLLM's draft sampling, in the draft vocabulary's columns when there
+        is one (``tree.DraftVocabulary``: the same law for a sixth of the
+        noise); the draft probabilities go to the rejection sampler over the
+        whole vocabulary."""
+        vllm_sampling = super()._sample_from_logits
+        if self.model.vocabulary is None:
+            return vllm_sampling(logits, sampling_metadata)
+        return self.model.vocabulary.sample(
+            logits, lambda columns: vllm_sampling(columns, sampling_metadata))
 
     def _drafting_generators(self, sampling_metadata) -> dict[int, torch.Generator]:
         """Row -> generator of the seeded requests whose drafts count this step

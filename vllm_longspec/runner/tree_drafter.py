@@ -34,12 +34,12 @@ class TreeDrafter:
 
     def draft(
         self,
-        root_logits: torch.Tensor,  # [B, V] the draft's logits at each root
+        root_logits: torch.Tensor,  # [B, N] the draft's logits at each root (draft_logits)
         cross_attention: CrossAttentionInputs,  # the round's committed prefix
         window_block_table: torch.Tensor,  # [B, max_blocks] the draft group's
         sampling: BatchSampling,
     ) -> BeamTree:
-        builder = BeamTreeBuilder(self.widths, sampling)
+        builder = BeamTreeBuilder(self.widths, sampling, self.model.vocabulary)
         level = builder.expand(root_logits.unsqueeze(1))
         if builder.done:
             return builder.build()
@@ -54,7 +54,7 @@ class TreeDrafter:
         depth = 1
         while not builder.done:
             width = level.tokens.shape[1]
-            attention.next_level(depth, builder.build().tree.ancestor_mask[:, -width:])
+            attention.next_level(depth, builder.tree().ancestor_mask[:, -width:])
             positions = root_positions.repeat_interleave(width) + depth  # [B * W]
             rows = torch.arange(batch * width + 1, device=root_logits.device)
             # every node runs the whole block; request b's nodes are rows b * width...
@@ -63,6 +63,6 @@ class TreeDrafter:
                                  level_attention=attention)
             hidden = self.model(input_ids=level.tokens.flatten(), positions=positions,
                                 draft_inputs=inputs)
-            level = builder.expand(self.model.compute_logits(hidden).view(batch, width, -1))
+            level = builder.expand(self.model.draft_logits(hidden).view(batch, width, -1))
             depth += 1
         return builder.build()

@@ -13,12 +13,14 @@ from vllm_longspec.tree.verify import (
     verify_greedy,
     verify_sampling,
 )
+from vllm_longspec.tree.vocabulary import DraftVocabulary
 
 __all__ = [
     "BatchSampling",
     "BeamTree",
     "BeamTreeBuilder",
     "DraftTree",
+    "DraftVocabulary",
     "RaggedTrees",
     "TopKTopP",
     "TreeLevel",

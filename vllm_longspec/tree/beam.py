@@ -32,6 +32,7 @@ import torch
 from vllm_longspec.tree.limits import MAX_SPEC_TOKENS
 from vllm_longspec.tree.sampling import BatchSampling
 from vllm_longspec.tree.structure import DraftTree
+from vllm_longspec.tree.vocabulary import DraftVocabulary
 
 
 @dataclass(frozen=True)
@@ -100,11 +101,14 @@ class BeamTreeBuilder:
             logits = draft(level.tokens, ...)         # [B, W, V], tree-masked
         beam = builder.build()
 
-    ``build`` may also be called between levels (e.g. for the ancestor mask of
-    the newest level).
+    ``tree`` gives the tree so far between levels (e.g. for the ancestor mask
+    of the newest level). With a ``vocabulary`` the logits are the draft's N
+    columns (``DraftVocabulary``): levels hold token ids all the same, and the
+    tree's draft distributions cover the whole vocabulary.
     """
 
-    def __init__(self, widths: Sequence[int], sampling: BatchSampling):
+    def __init__(self, widths: Sequence[int], sampling: BatchSampling,
+                 vocabulary: DraftVocabulary | None = None):
         if not widths or min(widths) < 1:
             raise ValueError(f"widths must be positive level sizes, got {list(widths)}")
         if sum(widths) + 1 > MAX_SPEC_TOKENS:
@@ -113,6 +117,7 @@ class BeamTreeBuilder:
                              f"verification forward")
         self.widths = tuple(widths)
         self.sampling = sampling
+        self.vocabulary = vocabulary
         self._any_sampled = not bool(sampling.is_greedy.all())
         self._levels: list[TreeLevel] = []
         self._draft_probs: list[torch.Tensor] = []
@@ -126,7 +131,8 @@ class BeamTreeBuilder:
         return self.widths[len(self._levels) - 1] if self._levels else 1
 
     def expand(self, draft_logits: torch.Tensor) -> TreeLevel:
-        """Adds the next level, given the draft's logits [B, F, V] at the frontier:
+        """Adds the next level, given the draft's logits [B, F, V] (or [B, F, N]
+        with a vocabulary) at the frontier:
         the root on the first call, then the level the previous call added."""
         if self.done:
             raise RuntimeError(f"all {len(self.widths)} levels are built")
@@ -144,23 +150,30 @@ class BeamTreeBuilder:
         frontier_parent, tokens, scores = select_children(
             self._frontier_scores(batch, log_probs.device), log_probs, width,
             self._gumbel(frontier, vocab, log_probs.device))
+        if self.vocabulary is not None:
+            tokens = self.vocabulary.tokens(tokens)
         level = TreeLevel(tokens, self._node_index(frontier_parent), scores)
         self._levels.append(level)
         return level
 
-    def build(self) -> BeamTree:
-        """The tree of the levels built so far."""
+    def tree(self) -> DraftTree:
+        """The tree of the levels built so far (no scores, no distributions)."""
         if not self._levels:
             raise RuntimeError("no level built yet")
-
-        def along_levels(name: str) -> torch.Tensor:
-            return torch.cat([getattr(level, name) for level in self._levels], dim=1)
-
         depths = torch.cat([torch.full_like(level.tokens, depth)
                             for depth, level in enumerate(self._levels, start=1)], dim=1)
-        tree = DraftTree(along_levels("tokens"), along_levels("parents"), depths)
+        return DraftTree(self._along_levels("tokens"), self._along_levels("parents"), depths)
+
+    def build(self) -> BeamTree:
+        """The tree of the levels built so far, with its scores and draft distributions."""
+        tree = self.tree()
         draft_probs = torch.cat(self._draft_probs, dim=1) if self._any_sampled else None
-        return BeamTree(tree, along_levels("scores"), draft_probs)
+        if draft_probs is not None and self.vocabulary is not None:
+            draft_probs = self.vocabulary.to_vocabulary(draft_probs)
+        return BeamTree(tree, self._along_levels("scores"), draft_probs)
+
+    def _along_levels(self, name: str) -> torch.Tensor:
+        return torch.cat([getattr(level, name) for level in self._levels], dim=1)
 
     def _frontier_scores(self, batch: int, device: torch.device) -> torch.Tensor:
         if self._levels:
