@@ -1,4 +1,4 @@
-"""Build the long-context prompt set ``benchmarks/prompts/longctx-v1.jsonl``.
+"""Build the long-context prompt set ``benchmarks/prompts/longctx-v2.jsonl``.
 
     python -m benchmarks.build_prompts           # (re)write the prompt file
     python -m benchmarks.build_prompts --check   # rebuild in memory, compare
@@ -7,7 +7,9 @@ Every prompt is cut from documents reserved in ``benchmarks/sources.txt``
 (training never reads them) and encoded for the default target,
 SmolLM2-135M-Instruct, with its chat template where the prompt is a chat
 request. Four tasks in the spirit of LongBench's generation tasks, each at
-three context lengths (1k, 4k, 7k target tokens) with two prompts per length:
+three context lengths (1k, 4k, 7k target tokens) with four prompts per length
+(the first two of each are ``longctx-v1``'s, token for token; that set stays
+for the results measured on it):
 
 - ``code_completion``: several files of one reserved standard-library package,
   concatenated and cut mid-file; continued either as raw text (like LongBench's
@@ -179,6 +181,93 @@ SPECS: tuple[PromptSpec, ...] = (
                _stdlib(CodeFile, "logging/config.py"), TUTORIAL),
     PromptSpec("tutorial-7k-importlib-bootstrap", "long_generation", "7k",
                _stdlib(CodeFile, "importlib/_bootstrap.py"), TUTORIAL),
+    # longctx-v2: two more prompts per (task, length), from other reserved files
+    PromptSpec("code-1k-xml-sax-handler", "code_completion", "1k",
+               _stdlib(CodeFile, "xml/sax/handler.py"), None),
+    PromptSpec("code-1k-unittest", "code_completion", "1k",
+               _stdlib(CodeFile, "unittest/util.py", "unittest/result.py"),
+               CODE_CHAT.format(package="unittest")),
+    PromptSpec("code-4k-xml-etree", "code_completion", "4k",
+               _stdlib(CodeFile, "xml/etree/ElementPath.py", "xml/etree/ElementTree.py"),
+               None),
+    PromptSpec("code-4k-http-server", "code_completion", "4k",
+               _stdlib(CodeFile, "http/server.py"), CODE_CHAT.format(package="http")),
+    PromptSpec("code-7k-email-headers", "code_completion", "7k",
+               _stdlib(CodeFile, "email/_policybase.py", "email/headerregistry.py",
+                       "email/_header_value_parser.py"),
+               None),
+    PromptSpec("code-7k-importlib", "code_completion", "7k",
+               _stdlib(CodeFile, "importlib/_bootstrap_external.py"),
+               CODE_CHAT.format(package="importlib")),
+    PromptSpec("qa-1k-futures", "doc_qa", "1k",
+               _stdlib(Docstrings, "concurrent/futures/_base.py"),
+               QA.format(question="When is a callable given to Future.add_done_callback "
+                         "called, by which thread, and in what order?"),
+               evidence="in the order that they were added"),
+    PromptSpec("qa-1k-json-decoder", "doc_qa", "1k",
+               _stdlib(Docstrings, "json/decoder.py", "json/encoder.py"),
+               QA.format(question="If a JSONDecoder gets both object_hook and "
+                         "object_pairs_hook, which one is used, and what is "
+                         "object_pairs_hook called with?"),
+               evidence="the ``object_pairs_hook`` takes"),
+    PromptSpec("qa-4k-elementtree", "doc_qa", "4k",
+               _stdlib(Docstrings, "xml/etree/ElementTree.py"),
+               QA.format(question="What does register_namespace do with an existing "
+                         "mapping for the prefix or the URI, and when does it raise "
+                         "an error?"),
+               evidence="ValueError is raised if prefix is reserved"),
+    PromptSpec("qa-4k-email-headers", "doc_qa", "4k",
+               _stdlib(Docstrings, "email/_policybase.py", "email/headerregistry.py",
+                       "email/policy.py"),
+               QA.format(question="How does BaseHeader.fold encode non-ASCII characters "
+                         "and surrogateescaped bytes, and what does the string it "
+                         "returns include?"),
+               evidence="charset utf-8"),
+    PromptSpec("qa-7k-asyncio", "doc_qa", "7k",
+               _stdlib(Docstrings, "asyncio/events.py", "asyncio/base_events.py",
+                       "asyncio/tasks.py", "asyncio/streams.py"),
+               QA.format(question="Does asyncio.wait raise TimeoutError when its timeout "
+                         "occurs, and what happens to the futures that are not done?"),
+               evidence="This does not raise TimeoutError"),
+    PromptSpec("qa-7k-news", "doc_qa", "7k",
+               (ProseFile("/usr/share/doc/python3.11/NEWS.gz"),),
+               QA.format(question="Which change fixed how sys._base_executable is "
+                         "calculated inside a POSIX virtual environment, and which "
+                         "names does the calculation fall back to?"),
+               evidence="gh-issue-99204"),
+    PromptSpec("sum-1k-minidom", "summarisation", "1k",
+               _stdlib(Docstrings, "xml/dom/minidom.py", "xml/dom/expatbuilder.py"),
+               SUMMARY),
+    PromptSpec("sum-1k-futures-process", "summarisation", "1k",
+               _stdlib(Docstrings, "concurrent/futures/process.py",
+                       "concurrent/futures/_base.py"),
+               SUMMARY),
+    PromptSpec("sum-4k-asyncio", "summarisation", "4k",
+               _stdlib(Docstrings, "asyncio/locks.py", "asyncio/queues.py",
+                       "asyncio/streams.py", "asyncio/subprocess.py", "asyncio/events.py"),
+               SUMMARY),
+    PromptSpec("sum-4k-importlib", "summarisation", "4k",
+               _stdlib(Docstrings, "importlib/_bootstrap_external.py",
+                       "importlib/metadata/__init__.py", "importlib/resources/_common.py"),
+               SUMMARY),
+    PromptSpec("sum-7k-email-parser", "summarisation", "7k",
+               _stdlib(Docstrings, "email/_header_value_parser.py", "email/message.py",
+                       "email/utils.py"),
+               SUMMARY),
+    PromptSpec("sum-7k-history", "summarisation", "7k",
+               (ProseFile("/usr/share/doc/python3.11/HISTORY.gz"),), SUMMARY),
+    PromptSpec("tutorial-1k-xmlreader", "long_generation", "1k",
+               _stdlib(CodeFile, "xml/sax/xmlreader.py"), TUTORIAL),
+    PromptSpec("tutorial-1k-asyncio-queues", "long_generation", "1k",
+               _stdlib(CodeFile, "asyncio/queues.py"), TUTORIAL),
+    PromptSpec("tutorial-4k-pool", "long_generation", "4k",
+               _stdlib(CodeFile, "multiprocessing/pool.py"), TUTORIAL),
+    PromptSpec("tutorial-4k-asyncio-streams", "long_generation", "4k",
+               _stdlib(CodeFile, "asyncio/streams.py"), TUTORIAL),
+    PromptSpec("tutorial-7k-urllib-request", "long_generation", "7k",
+               _stdlib(CodeFile, "urllib/request.py"), TUTORIAL),
+    PromptSpec("tutorial-7k-base-events", "long_generation", "7k",
+               _stdlib(CodeFile, "asyncio/base_events.py"), TUTORIAL),
 )
 
 

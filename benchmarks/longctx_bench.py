@@ -3,8 +3,8 @@
     python -m benchmarks.longctx_bench            # the default profile
     python -m benchmarks.longctx_bench --quick    # smoke profile (a few minutes)
 
-Decodes prompts of the fixed set ``benchmarks/prompts/longctx-v1.jsonl`` (4
-tasks x 3 context lengths x 2 prompts, built by ``benchmarks/build_prompts.py``)
+Decodes prompts of the fixed set ``benchmarks/prompts/longctx-v2.jsonl`` (4
+tasks x 3 context lengths x 4 prompts, built by ``benchmarks/build_prompts.py``)
 with every method under the same engine settings, at batch sizes 1 and 8,
 greedily (outputs compared token by token with plain decoding's; in float32
 they must be identical) and sampled at temperature 0.8 with per-request seeds.
@@ -16,15 +16,18 @@ machine while it is shared (measured here at a load average of about 6: engine
 start ~1 min, prefill ~4 s / ~25 s / ~60 s for a 1k / 4k / 7k prompt, plain
 decoding 6-18 tokens/s at batch size 1; nearly twice as long at a load of 10,
 about half as long on an idle machine): all 4 tasks at 1k/4k/7k tokens with ONE
-prompt per (task, length) (the file has two: ``--prompts-per-bucket 2`` doubles
-prefill and batch-1 time), each prompt's own ``max_tokens`` (96-256 by task) at
-batch size 1, at most 64 new tokens per request at batch size 8
-(``--batched-max-tokens``), settings greedy and sampled in float32, methods
+prompt per (task, length) (the file has four: ``--prompts-per-bucket 4``
+quadruples prefill and batch-1 time), each prompt's own ``max_tokens`` (96-256
+by task) at batch size 1, at most 64 new tokens per request at batch size 8
+(``--batched-max-tokens``), settings greedy and sampled in bfloat16
+(``--dtype float32`` for exactness), methods
 plain, ngram, suffix (only if ``arctic_inference`` imports) and LongSpec: 6
 engines of roughly 10-13 minutes, mostly prefill of the 7k prompts and
 decoding at batch size 8.
 ``--quick``: 1k only, one prompt per task, 16 tokens, batch size 1, greedy.
-Flags given explicitly override the profile's values.
+Flags given explicitly override the profile's values. ``--rounds R`` measures
+every cell R times with fresh engines, the methods in rotation, and reports the
+median (speed comparisons on this shared VM need R >= 3).
 
 A ``--methods`` entry may carry parameters, so that one run compares several
 LongSpec chain lengths and tree shapes (one engine per entry and setting):
@@ -163,6 +166,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--draft-memory", action="store_true",
                         help="also measure the KV memory one LongSpec request holds "
                         "(target vs draft) at each context length (one more engine)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every cell R times, each round with fresh "
+                        "engines and the methods in rotation; each cell's decode "
+                        "tokens/s is the median of its rounds' (this VM's engines "
+                        "differ by up to tens of percent)")
     parser.add_argument("--fresh", action="store_true", help="ignore cached cells")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from cached cells, run nothing")
@@ -240,6 +248,7 @@ def describe_run(args: argparse.Namespace, argv: list[str] | None, start: float,
                         "speculative_config": (None if m in unavailable
                                                else parse_spec(m).config(options)),
                         "unavailable": unavailable.get(m)} for m in methods},
+        "rounds": args.rounds,
         "profile": {"tasks": args.tasks, "lengths": args.lengths,
                     "prompts_per_bucket": args.prompts_per_bucket,
                     "max_tokens_cap": args.max_tokens,
@@ -282,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     runnable = [m for m in methods if m not in unavailable]
     engine = EngineSettings(model=str(model))
     jobs = plan(args, engine, prompts, runnable, draft, describe_software()["vllm"])
-    records, pending = load_cached(jobs, args.out, args.fresh)
+    records, pending = load_cached(jobs, args.out, args.fresh, args.rounds)
 
     probe = draft_memory = None
     longspec_runs = any(parse_spec(m).method.name.startswith("longspec")
@@ -298,7 +307,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.report_only and (pending or (probe and draft_memory is None)):
         failures = run_pending(pending, None if draft_memory else probe, engine,
                                args.out)
-        records.update(load_cached(jobs, args.out, fresh=False)[0])
+        records = load_cached(jobs, args.out, fresh=False, rounds=args.rounds)[0]
         if probe:
             draft_memory = load_draft_memory(args.out / "draft_memory.json", probe)
 
@@ -308,7 +317,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = report.build_rows(keys, records, unavailable)
     header = describe_run(args, argv, start, engine, draft, methods, unavailable,
                           prompts)
-    header |= {"measurement": describe_measurement(list(records.values())),
+    header |= {"measurement": describe_measurement(
+        [record for rounds in records.values() for record in rounds]),
                "failures": failures, "draft_memory": draft_memory}
     report.write_json(args.out / "results.json", header, rows)
     (args.out / "results.md").write_text(report.markdown(header, rows))

@@ -4,7 +4,7 @@
         [--methods plain ngram longspec longspec_fixed longspec_draft longspec_tree]
         [--tree W1 W2 ...] [--dtype bfloat16] [--rounds R] [--against REV ...]
 
-Decodes one prompt of ``benchmarks/prompts/longctx-v1.jsonl`` (greedy; with
+Decodes one prompt of ``benchmarks/prompts/longctx-v2.jsonl`` (greedy; with
 ``--batch B``, B copies of it at once, as the long-context benchmark's batched
 cells do) with plain vLLM, ``ngram`` and LongSpec (the shipped draft), each in its
 own engine process with ``VLLM_LONGSPEC_TIME_SPLIT`` set
@@ -33,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ROOT / "benchmarks" / "prompts" / "longctx-v1.jsonl"
+PROMPTS = ROOT / "benchmarks" / "prompts" / "longctx-v2.jsonl"
 SHIPPED = ROOT / "vllm_longspec" / "drafts" / "smollm2-135m-instruct"
 
 

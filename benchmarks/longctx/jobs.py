@@ -1,8 +1,9 @@
 """Engine jobs of a suite run: which cells each engine process decodes, and running it.
 
 A job is one (setting, method): one engine process (``worker.py``) that decodes
-all the job's cells. Cells whose cached record carries the same fingerprint are
-not run again. Each process reports progress on stdout (``LONGCTX`` lines);
+all the job's cells, once per round (``--rounds``: each round starts fresh
+engines, in rotation). Cells whose cached record of that round carries the same
+fingerprint are not run again. Each process reports progress on stdout (``LONGCTX`` lines);
 everything else it prints goes to ``OUT/logs/<job>.log``.
 """
 
@@ -87,8 +88,8 @@ def token_cap(args: argparse.Namespace, batch: int) -> int | None:
     return min(caps) if caps else None
 
 
-def cell_path(out: Path, cell: Cell) -> Path:
-    return out / "cells" / cell.key.relative_path()
+def cell_path(out: Path, cell: Cell, round_: int = 1) -> Path:
+    return out / "cells" / cell.key.relative_path(round_)
 
 
 def cached_record(path: Path, cell: Cell) -> dict[str, Any] | None:
@@ -99,34 +100,53 @@ def cached_record(path: Path, cell: Cell) -> dict[str, Any] | None:
     return record if record.get("fingerprint") == cell.fingerprint else None
 
 
-def load_cached(jobs: list[Job], out: Path, fresh: bool
-                ) -> tuple[dict[CellKey, dict[str, Any]], list[tuple[Job, list[Cell]]]]:
-    """Records of cells already measured, and per job the cells still to run."""
-    records, pending = {}, []
-    for job in jobs:
-        todo = []
-        for cell in job.cells:
-            record = None if fresh else cached_record(cell_path(out, cell), cell)
-            if record is None:
-                todo.append(cell)
-            else:
-                records[cell.key] = record
-        if todo:
-            pending.append((job, todo))
+@dataclass(frozen=True)
+class Pending:
+    """Cells one engine process still has to measure in one round."""
+
+    job: Job
+    round: int
+    cells: tuple[Cell, ...]
+
+    @property
+    def name(self) -> str:
+        return self.job.name if self.round == 1 else f"{self.job.name}.r{self.round}"
+
+
+def load_cached(jobs: list[Job], out: Path, fresh: bool, rounds: int = 1
+                ) -> tuple[dict[CellKey, list[dict[str, Any]]], list[Pending]]:
+    """The records of every cell, one per round measured, and what is still to
+    run: round by round, the jobs in rotation (round r starts at job r - 1), so
+    that each method's engines are spread over the run rather than adjacent."""
+    records: dict[CellKey, list[dict[str, Any]]] = {}
+    pending = []
+    for round_ in range(1, rounds + 1):
+        shift = (round_ - 1) % len(jobs) if jobs else 0
+        for job in jobs[shift:] + jobs[:shift]:
+            todo = []
+            for cell in job.cells:
+                record = None if fresh else cached_record(cell_path(out, cell, round_),
+                                                          cell)
+                if record is None:
+                    todo.append(cell)
+                else:
+                    records.setdefault(cell.key, []).append(record)
+            if todo:
+                pending.append(Pending(job, round_, tuple(todo)))
     return records, pending
 
 
-def job_payload(job: Job, cells: list[Cell], engine: EngineSettings,
-                out: Path) -> dict[str, Any]:
+def job_payload(pending: Pending, engine: EngineSettings, out: Path) -> dict[str, Any]:
+    job = pending.job
     return {
         "engine": asdict(engine), "dtype": job.setting.dtype,
         "speculative_config": job.speculative_config,
         "temperature": job.setting.temperature,
         "cells": [{"key": asdict(cell.key), "label": cell.key.label(),
                    "fingerprint": cell.fingerprint,
-                   "path": str(cell_path(out, cell)),
+                   "path": str(cell_path(out, cell, pending.round)),
                    "groups": [[asdict(r) for r in group] for group in cell.groups]}
-                  for cell in cells]}
+                  for cell in pending.cells]}
 
 
 def run_worker(name: str, payload: dict[str, Any], out: Path, progress: tqdm,
@@ -158,21 +178,21 @@ def run_worker(name: str, payload: dict[str, Any], out: Path, progress: tqdm,
     return None
 
 
-def run_pending(pending: list[tuple[Job, list[Cell]]], probe: dict[str, Any] | None,
+def run_pending(pending: list[Pending], probe: dict[str, Any] | None,
                 engine: EngineSettings, out: Path) -> dict[str, str]:
-    """Run the pending jobs (and the memory probe); the failures by job name."""
+    """Run the pending jobs in order (and the memory probe); the failures by
+    job name."""
     failures = {}
-    total = sum(len(todo) for _, todo in pending)
+    total = sum(len(todo.cells) for todo in pending)
     total += len(probe["kv_probe"]["prompts"]) if probe else 0
     print(f"{total} cells to run in {len(pending) + bool(probe)} engine processes",
           flush=True)
     with tqdm(total=total, unit="cell", dynamic_ncols=True) as progress:
-        for job, todo in pending:
-            failure = run_worker(job.name, job_payload(job, todo, engine, out), out,
-                                 progress)
+        for todo in pending:
+            failure = run_worker(todo.name, job_payload(todo, engine, out), out, progress)
             if failure:
-                tqdm.write(f"{job.name}: {failure}")
-                failures[job.name] = failure
+                tqdm.write(f"{todo.name}: {failure}")
+                failures[todo.name] = failure
         if probe:
             failure = run_worker("draft-memory", probe, out, progress,
                                  env=draft_memory_env())

@@ -25,7 +25,9 @@ Definitions (also in docs/benchmarks.md):
   high accepted length and few tokens per step;
 - *acceptance by position* i = drafts whose i-th token was accepted / drafts;
 - *speedup* = decode tokens/s of a method / that of plain decoding in the same
-  (setting, task, context length, batch size);
+  (setting, task, context length, batch size); with ``--rounds R`` each
+  cell's decode tokens/s is the median of its R rounds' (``round_metrics``),
+  and the report also gives each round's own speedup;
 - *first divergence*: the first output position where a request's tokens differ
   from plain decoding's for the same prompt, copy and batch size (None: the
   outputs are identical). Greedy float32 decoding must be exact.
@@ -33,6 +35,7 @@ Definitions (also in docs/benchmarks.md):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -179,6 +182,22 @@ class CellMetrics:
     acceptance_by_position: tuple[float, ...]
     draft_acceptance_rate: float | None
     preemptions: int
+    # --rounds: each round's decode tokens/s (decode_tokens_per_s is their median)
+    decode_tokens_per_s_by_round: tuple[float | None, ...] = ()
+
+
+def round_metrics(rounds: Sequence[Sequence[Record]]) -> CellMetrics:
+    """Metrics of a cell measured in several rounds (``--rounds``), each round
+    a list of records (one cell's, or several pooled): everything pooled over
+    the rounds except decode tokens/s, the median of the rounds' values. Each
+    round runs its own engines, and on a shared VM one engine can run tens of
+    percent slower than the next: the median keeps one slow engine out."""
+    pooled = cell_metrics([record for records in rounds for record in records])
+    by_round = tuple(cell_metrics(records).decode_tokens_per_s for records in rounds)
+    known = [value for value in by_round if value is not None]
+    return dataclasses.replace(pooled, decode_tokens_per_s_by_round=by_round,
+                               decode_tokens_per_s=float(np.median(known)) if known
+                               else None)
 
 
 def cell_metrics(records: Sequence[Record]) -> CellMetrics:

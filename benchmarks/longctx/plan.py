@@ -74,8 +74,10 @@ class CellKey:
     bucket: str
     batch: int
 
-    def relative_path(self) -> Path:
-        name = f"{self.task}-{self.bucket}-b{self.batch}.json"
+    def relative_path(self, round_: int = 1) -> Path:
+        """Where the cell's record of that round is cached (``--rounds``)."""
+        suffix = "" if round_ == 1 else f".r{round_}"
+        name = f"{self.task}-{self.bucket}-b{self.batch}{suffix}.json"
         return Path(self.setting, spec_slug(self.method), name)
 
     def label(self) -> str:

@@ -1,6 +1,6 @@
 """The prompt set on disk: one JSON record per line, plus a manifest.
 
-``benchmarks/prompts/longctx-v1.jsonl`` is written by ``benchmarks/build_prompts.py``
+``benchmarks/prompts/longctx-v2.jsonl`` is written by ``benchmarks/build_prompts.py``
 and read by the runner. A record holds the exact token ids given to the target,
 so every run of the suite decodes the same inputs; its sources and the sha256
 of its text say where it came from. The manifest beside it names the tokenizer
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-PROMPT_SET = "longctx-v1"
+PROMPT_SET = "longctx-v2"
 PROMPTS_DIR = Path(__file__).resolve().parents[1] / "prompts"
 PROMPT_FILE = PROMPTS_DIR / f"{PROMPT_SET}.jsonl"
 MANIFEST_FILE = PROMPTS_DIR / f"{PROMPT_SET}.manifest.json"

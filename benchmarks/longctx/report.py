@@ -4,7 +4,8 @@ One row per (setting, task, context length, batch size, method spec: e.g.
 ``longspec:2`` and ``longspec_tree:4,4,4,4`` are two methods), plus pooled
 rows over all tasks ("all"). Speedups and output comparisons are against
 plain decoding in the same (setting, task, context length, batch size).
-Methods that could not run appear with the reason.
+Methods that could not run appear with the reason. A cell measured in several
+rounds (``--rounds``) has one record per round.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.longctx.methods import BASELINE
-from benchmarks.longctx.metrics import Record, cell_metrics, divergences, speedup
+from benchmarks.longctx.metrics import Record, divergences, round_metrics, speedup
 from benchmarks.longctx.plan import CellKey
 from benchmarks.longctx.prompt_file import BUCKET_TOKENS
 
@@ -34,6 +35,7 @@ class Row:
     reason: str | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     speedup: float | None = None
+    speedup_by_round: tuple[float | None, ...] = ()  # --rounds: round r's own ratio
     first_divergence: dict[str, int | None] | None = None  # per "prompt_id#copy"
 
     @property
@@ -45,9 +47,10 @@ class Row:
         return sum(p is None for p in positions), len(self.first_divergence)
 
 
-def build_rows(keys: Sequence[CellKey], records: dict[CellKey, Record],
+def build_rows(keys: Sequence[CellKey], records: dict[CellKey, list[Record]],
                unavailable: dict[str, str]) -> list[Row]:
-    """Rows for the planned cells; ``unavailable`` says why a method has none."""
+    """Rows for the planned cells (``records``: each cell's record per round
+    measured); ``unavailable`` says why a method has none."""
     rows = []
     for key in keys:
         if key.method in unavailable:
@@ -56,8 +59,7 @@ def build_rows(keys: Sequence[CellKey], records: dict[CellKey, Record],
             status, reason = "missing", "not measured (engine failed or interrupted)"
         else:
             status, reason = "ok", None
-        rows.append(_row(key, [records[key]] if status == "ok" else [], records,
-                         status, reason))
+        rows.append(_row(key, [key] if status == "ok" else [], records, status, reason))
     pooled = dict.fromkeys((k.setting, k.bucket, k.batch, k.method) for k in keys)
     tasks = {k.task for k in keys}
     for setting, bucket, batch, method in pooled if len(tasks) > 1 else []:
@@ -65,8 +67,7 @@ def build_rows(keys: Sequence[CellKey], records: dict[CellKey, Record],
                  == (setting, bucket, batch, method)]
         if all(k in records for k in group):
             key = CellKey(setting, method, ALL_TASKS, bucket, batch)
-            rows.append(_row(key, [records[k] for k in group], records, "ok", None,
-                             baseline_keys=[_baseline(k) for k in group]))
+            rows.append(_row(key, group, records, "ok", None))
     return sorted(rows, key=_table_order(keys))
 
 
@@ -87,21 +88,33 @@ def _baseline(key: CellKey) -> CellKey:
     return CellKey(key.setting, BASELINE, key.task, key.bucket, key.batch)
 
 
-def _row(key: CellKey, own: list[Record], records: dict[CellKey, Record],
-         status: str, reason: str | None,
-         baseline_keys: list[CellKey] | None = None) -> Row:
+def _by_round(keys: Sequence[CellKey], records: dict[CellKey, list[Record]]
+              ) -> list[list[Record]]:
+    """Round r's records of the cells ``keys`` (the rounds all of them have)."""
+    rounds = min(len(records[key]) for key in keys)
+    return [[records[key][r] for key in keys] for r in range(rounds)]
+
+
+def _row(key: CellKey, cells: list[CellKey], records: dict[CellKey, list[Record]],
+         status: str, reason: str | None) -> Row:
+    """The row of ``key``: the cell itself, or ``cells`` pooled (all tasks)."""
     row = Row(key.setting, key.task, key.bucket, key.batch, key.method, status, reason)
     if status != "ok":
         return row
-    metrics = cell_metrics(own)
+    own = _by_round(cells, records)
+    metrics = round_metrics(own)
     row.metrics = asdict(metrics)
-    baseline_keys = baseline_keys or [_baseline(key)]
+    baseline_keys = [_baseline(k) for k in cells]
     if all(k in records for k in baseline_keys):
-        baseline = [records[k] for k in baseline_keys]
-        row.speedup = speedup(metrics.decode_tokens_per_s,
-                              cell_metrics(baseline).decode_tokens_per_s)
-        if key.method != BASELINE:
-            row.first_divergence = divergences(own, baseline)
+        baseline = _by_round(baseline_keys, records)
+        plain = round_metrics(baseline)
+        row.speedup = speedup(metrics.decode_tokens_per_s, plain.decode_tokens_per_s)
+        row.speedup_by_round = tuple(
+            speedup(mine, theirs) for mine, theirs in zip(
+                metrics.decode_tokens_per_s_by_round, plain.decode_tokens_per_s_by_round,
+                strict=False))
+        if key.method != BASELINE:  # the first round's outputs
+            row.first_divergence = divergences(own[0], baseline[0])
     return row
 
 
@@ -112,6 +125,14 @@ def write_json(path: Path, header: dict[str, Any], rows: list[Row]) -> None:
 
 def _number(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _speedup(row: Row) -> str:
+    """The speedup, and with several rounds the range of the rounds' own."""
+    rounds = [s for s in row.speedup_by_round if s is not None]
+    if len(rounds) < 2:
+        return _number(row.speedup)
+    return f"{_number(row.speedup)} ({min(rounds):.2f}-{max(rounds):.2f})"
 
 
 def _comparison(row: Row, greedy: bool) -> str:
@@ -187,7 +208,7 @@ def markdown(header: dict[str, Any], rows: list[Row]) -> str:
                                    for a in m["acceptance_by_position"][:depth])
             lines.append(
                 f"{prefix} {_number(m['decode_tokens_per_s'], 1)} | "
-                f"{_number(row.speedup)} | {_number(m['tokens_per_step'])} | "
+                f"{_speedup(row)} | {_number(m['tokens_per_step'])} | "
                 f"{_number(m['mean_accepted_length'])} | {by_position or '—'} | "
                 f"{_number(m['time_per_token_p50_ms'], 1)} / "
                 f"{_number(m['time_per_token_p99_ms'], 1)} | "

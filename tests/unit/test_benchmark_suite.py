@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from pathlib import Path
 
 import pytest
 
 from benchmarks.longctx.documents import is_reserved, resolve, source_sha256
-from benchmarks.longctx.jobs import plan
+from benchmarks.longctx.jobs import job_payload, load_cached, plan
 from benchmarks.longctx.methods import (
     METHODS,
     MethodOptions,
@@ -71,10 +72,10 @@ def test_prompt_file_is_valid(prompts):
         assert all(0 <= t < TARGET_VOCAB for t in prompt.prompt_token_ids)
         assert prompt.num_tokens + prompt.max_tokens <= TARGET_POSITIONS, prompt.id
         assert len(prompt.text_sha256) == 64
-    # Every task at every length, at least two prompts each.
+    # Every task at every length, at least four prompts each (issue 14).
     for task in TASKS:
         for bucket in BUCKET_TOKENS:
-            assert sum(p.task == task and p.bucket == bucket for p in prompts) >= 2
+            assert sum(p.task == task and p.bucket == bucket for p in prompts) >= 4
 
 
 def test_prompt_lengths_are_within_their_buckets(prompts):
@@ -188,7 +189,7 @@ def test_rows_compare_each_method_with_plain_decoding_of_the_same_cell():
                     "accepted_per_position": [1, 0, 0, 0], "preemptions": 0})
     keys = [CellKey("greedy-float32", method, "doc_qa", "1k", 1)
             for method in ("plain", "longspec", "suffix")]
-    rows = build_rows(keys, dict(zip(keys[:2], (plain, spec), strict=True)),
+    rows = build_rows(keys, dict(zip(keys[:2], ([plain], [spec]), strict=True)),
                       {"suffix": "not installed"})
     by_method = {row.method: row for row in rows}
     assert by_method["plain"].speedup == pytest.approx(1.0)
@@ -376,6 +377,49 @@ def test_plan_gives_every_variant_its_own_engine_cells_and_config(prompts):
     assert len(set(distinct)) == len(distinct)
 
 
+def test_rounds_run_fresh_engines_in_rotation_and_resume(prompts, tmp_path):
+    args = argparse.Namespace(samplings=["greedy"], dtype="bfloat16", batch_sizes=[1],
+                              max_tokens=8, batched_max_tokens=8, k=4, tree=[2, 2])
+    buckets = {("doc_qa", "1k"): [p for p in prompts if p.task == "doc_qa"
+                                 and p.bucket == "1k"][:1]}
+    draft = {"path": "/some/draft", "sha256": "d" * 64}
+    jobs = plan(args, EngineSettings(model="/target"), buckets,
+                ["plain", "ngram", "longspec"], draft, "0.0")
+    records, pending = load_cached(jobs, tmp_path, fresh=False, rounds=3)
+    assert records == {}
+    assert [(todo.round, todo.job.method) for todo in pending] == [
+        (1, "plain"), (1, "ngram"), (1, "longspec"), (2, "ngram"), (2, "longspec"),
+        (2, "plain"), (3, "longspec"), (3, "plain"), (3, "ngram")]
+    assert pending[3].name == "greedy-bfloat16-ngram.r2"
+    # what the worker writes for round 2 of plain is found again, that round only
+    payload = job_payload(pending[5], EngineSettings(model="/target"), tmp_path)
+    (cell,) = payload["cells"]
+    assert cell["path"].endswith("greedy-bfloat16/plain/doc_qa-1k-b1.r2.json")
+    Path(cell["path"]).parent.mkdir(parents=True)
+    Path(cell["path"]).write_text(json.dumps({"fingerprint": cell["fingerprint"]}))
+    records, pending = load_cached(jobs, tmp_path, fresh=False, rounds=3)
+    assert list(records.values()) == [[{"fingerprint": cell["fingerprint"]}]]
+    assert (2, "plain") not in [(todo.round, todo.job.method) for todo in pending]
+    assert len(pending) == 8
+
+
+def test_rounds_report_the_median_and_each_rounds_speedup():
+    def timed(seconds):  # 1 token after the first, in ``seconds``
+        return _record([(1.0, 1, [1]), (1.0 + seconds, 0, [1])], {0: [7, 8]})
+
+    plain = [timed(0.10), timed(0.10), timed(0.20)]  # 10, 10, 5 tok/s
+    spec = [timed(0.05), timed(0.04), timed(0.10)]  # 20, 25, 10 tok/s
+    keys = [CellKey("greedy-bfloat16", method, "doc_qa", "1k", 1)
+            for method in ("plain", "longspec")]
+    rows = {row.method: row for row in build_rows(keys, dict(zip(
+        keys, (plain, spec), strict=True)), {})}
+    longspec = rows["longspec"]
+    assert longspec.metrics["decode_tokens_per_s"] == pytest.approx(20.0)  # median
+    assert longspec.speedup == pytest.approx(2.0)  # median 20 / median 10
+    assert longspec.speedup_by_round == pytest.approx((2.0, 2.5, 2.0))
+    assert longspec.identical == (1, 1)
+
+
 def _spec_record(tokens, accepted_per_position):
     drafts = 10
     return _record([(1.0, 1, [1]), (1.1, 0, [len(tokens) - 1])], {0: tokens},
@@ -393,7 +437,7 @@ def test_report_shows_every_variant_with_its_own_acceptance_positions():
                "longspec_tree:4,4,4,4": _spec_record([7, 8, 9], [6, 4, 2, 1] + [0] * 12),
                "longspec_tree:2,2,2": _spec_record([7, 8, 4], [7, 5, 3] + [0] * 3)}
     keys = [CellKey("greedy-float32", spec, "doc_qa", "4k", 1) for spec in records]
-    rows = build_rows(keys, {key: records[key.method] for key in keys}, {})
+    rows = build_rows(keys, {key: [records[key.method]] for key in keys}, {})
     assert [row.method for row in rows] == list(records)
     options = WITH_DRAFT
     header = {
