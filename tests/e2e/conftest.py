@@ -250,7 +250,9 @@ def replay_chain_run(tmp_path_factory, target_dir, random_draft_dir, greedy_prom
                      variant_prompts, plain_run, sampled_prompt, oracle_law) -> dict:
     """The random draft's chains with replayed proposals: the greedy prompts'
     continuations (every draft right), their variants' (every third output
-    wrong), and the oracle's second tokens for samples at temperature 1."""
+    wrong), and the oracle's second tokens for samples at temperature 1.
+    Replayed proposals are deterministic (no draft probabilities), so the draft
+    drafts greedily: sampling its tokens would be thrown away."""
     root = tmp_path_factory.mktemp("replay_chain")
     sequences = (replayed(greedy_prompts, plain_run["batch"]["token_ids"], FULL_ACCEPTANCE)
                  + replayed(variant_prompts, plain_run["variants"]["token_ids"],
@@ -258,7 +260,8 @@ def replay_chain_run(tmp_path_factory, target_dir, random_draft_dir, greedy_prom
                  + oracle_sequences(sampled_prompt, oracle_law))
     return run_engine_job(root, {
         "model": str(target_dir), "prompts": greedy_prompts, "max_tokens": MAX_TOKENS,
-        "max_num_seqs": 128, "speculative_config": chain(random_draft_dir),
+        "max_num_seqs": 128,
+        "speculative_config": chain(random_draft_dir, draft_sample_method="greedy"),
         "env": replay_env(root / "recorded.json", sequences),
         "phases": [{"name": "accepted", "mode": "batch"},
                    {"name": "rejected", "mode": "batch", "prompts": variant_prompts},
