@@ -2,9 +2,9 @@
 
 A job is one (setting, method): one engine process (``worker.py``) that decodes
 all the job's cells, once per round (``--rounds``: each round starts fresh
-engines, in rotation). Cells whose cached record of that round carries the same
-fingerprint are not run again. Each process reports progress on stdout (``LONGCTX`` lines);
-everything else it prints goes to ``OUT/logs/<job>.log``.
+engines, in rotation). Cells whose cached record of that round carries the
+same fingerprint are not run again. Each process reports progress on stdout
+(``LONGCTX`` lines); everything else it prints goes to ``OUT/logs/<job>.log``.
 """
 
 from __future__ import annotations
