@@ -343,8 +343,7 @@ class LongSpecForCausalLM(nn.Module):
         """``draft_logits`` [N, C] -> [N, V], -inf outside the draft vocabulary."""
         if self.vocabulary is None:
             return logits
-        full = logits.new_full((logits.shape[0], self.config.vocab_size), float("-inf"))
-        return full.index_copy_(1, self.vocabulary.token_ids, logits)
+        return self.vocabulary.to_vocabulary(logits, fill=float("-inf"))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         params = dict(self.named_parameters())

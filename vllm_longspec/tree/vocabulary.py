@@ -40,10 +40,11 @@ class DraftVocabulary:
         """Draft column indices -> token ids, any shape."""
         return self.token_ids[columns]
 
-    def to_vocabulary(self, probs: torch.Tensor) -> torch.Tensor:
-        """[..., N] -> [..., V]: 0 for the tokens the draft cannot propose."""
-        full = probs.new_zeros(*probs.shape[:-1], self.vocab_size)
-        return full.index_copy_(-1, self.token_ids, probs)
+    def to_vocabulary(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """[..., N] -> [..., V]: ``fill`` (probability 0, or logit -inf) for the
+        tokens the draft cannot propose."""
+        full = values.new_full((*values.shape[:-1], self.vocab_size), fill)
+        return full.index_copy_(-1, self.token_ids, values)
 
     def sample(self, logits: torch.Tensor,
                sample: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]],
