@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from vllm_longspec.runner.adaptive_chains import AdaptiveChains
+from vllm_longspec.runner.adaptive_chains import TRACE_ENV_VAR, AdaptiveChains, summarise_trace
 from vllm_longspec.speculation.policy import DRAFT, LOOKUP
 
 VOCAB = 50
@@ -79,3 +80,26 @@ def test_the_policy_backs_off_when_nothing_is_accepted():
         chains.compose(plan, torch.full((1, plan.draft_steps), 3), None, 3.0)
     # every draft was rejected: the policy stops speculating, probing now and then
     assert zero_steps > 40
+
+
+def test_the_policy_trace_records_each_plan_and_the_measured_step(tmp_path, monkeypatch):
+    trace = tmp_path / "policy.jsonl"
+    monkeypatch.setenv(TRACE_ENV_VAR, str(trace))
+    chains = AdaptiveChains(4, lookup=True, adaptive=True)
+    repeated = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]
+    batch = _batch({"a": repeated})
+    rejected = None
+    for step in range(3):
+        plan = chains.plan(batch, 1, torch.tensor([3]), rejected, np.array([True]))
+        rejected = torch.tensor([plan.num_tokens[0]])
+        chains.compose(plan, torch.zeros(1, plan.draft_steps, dtype=torch.long), None, 2.0)
+    lines = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(lines) == 3
+    first, second = lines[0], lines[1]
+    assert first["batch"] == 1 and first["sources"] == ["l"] and first["lookup"] == [4]
+    assert first["last"] is None   # nothing measured before the first step
+    assert second["last"]["verified"] == 1 + first["k"][0]
+    assert second["last"]["predicted_ms"] == first["expected_ms"]
+    summary = summarise_trace(str(trace))
+    assert summary["steps"] == 3 and sum(summary["k_by_source"].values()) == 3
+    assert summary["measured_over_predicted"] > 0

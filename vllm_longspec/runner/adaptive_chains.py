@@ -27,11 +27,21 @@ for each proposed token: the draft's own rows, and for lookup tokens a one-hot
 row (a deterministic proposal: accepted with probability p(token), the
 residual is p without it; exactly how vLLM treats proposals that come without
 draft probabilities, so the output distribution is unchanged).
+
+``VLLM_LONGSPEC_POLICY_TRACE=/tmp/policy.jsonl`` (profiling) appends one JSON
+line per step the policy planned: the batch, mean context, each decoding
+row's K, source and lookup length, the draft steps, the plan's expected tokens
+and ms, plain decoding's predicted ms, whether it was a probe, and the
+measured ms of the previous step's verification with its predicted ms
+(``summarise_trace`` turns a file into counts per K and source).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,7 +54,11 @@ from vllm_longspec.speculation.policy import (
     PolicyConfig,
     Request,
     SpeculationPolicy,
+    StepPlan,
 )
+
+
+TRACE_ENV_VAR = "VLLM_LONGSPEC_POLICY_TRACE"
 
 
 @dataclass(frozen=True)
@@ -74,6 +88,7 @@ class _StepRecord:
     mean_context: float
     draft_steps: int
     drafting_ms: float
+    predicted_ms: float | None   # the policy's prediction of this step (None: no policy)
 
 
 class AdaptiveChains:
@@ -88,6 +103,10 @@ class AdaptiveChains:
         self._known: set[str] = set()               # req ids with lookup/policy state
         self._last_step: _StepRecord | None = None
         self._mean_context = 0.0
+        self._predicted_ms: float | None = None
+        trace = os.environ.get(TRACE_ENV_VAR)
+        self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
+        self._measured: dict | None = None   # the last step's timing, for the trace
 
     # ---- before drafting -----------------------------------------------------
 
@@ -137,6 +156,9 @@ class AdaptiveChains:
             step = self.policy.plan([r for r, d in zip(requests, decoding, strict=True)
                                      if d])
             num_tokens, sources = _spread(step.num_tokens, step.sources, decoding)
+            self._predicted_ms = step.expected_ms
+            if self._trace is not None:
+                self._write_trace(step, requests, decoding)
         draft_steps = max((k for k, s in zip(num_tokens, sources, strict=True)
                            if s == DRAFT), default=0)
         return ChainPlan(req_ids, num_tokens, sources, tuple(lookup_tokens), draft_steps)
@@ -173,7 +195,8 @@ class AdaptiveChains:
     def _record_step(self, plan: ChainPlan, drafting_ms: float) -> None:
         self._last_step = _StepRecord(
             time.perf_counter(), plan.req_ids, sum(1 + k for k in plan.num_tokens),
-            self._mean_context, plan.draft_steps, drafting_ms)
+            self._mean_context, plan.draft_steps, drafting_ms, self._predicted_ms)
+        self._predicted_ms = None
 
     def _observe_step_time(self, now: float, req_ids: tuple[str, ...],
                            decoding: np.ndarray) -> None:
@@ -186,10 +209,30 @@ class AdaptiveChains:
             return
         if last.req_ids != req_ids or not bool(np.all(decoding)):
             return
+        target_ms = (now - last.ended) * 1e3
         self.policy.observe_step(
-            last.verified, len(req_ids), last.mean_context, (now - last.ended) * 1e3,
+            last.verified, len(req_ids), last.mean_context, target_ms,
             len(req_ids) if last.draft_steps else 0,
             last.drafting_ms / last.draft_steps if last.draft_steps else None)
+        if self._trace is not None:
+            self._measured = {"verified": last.verified, "target_ms": round(target_ms, 2),
+                              "drafting_ms": round(last.drafting_ms, 2),
+                              "predicted_ms": last.predicted_ms and round(last.predicted_ms, 2)}
+
+    def _write_trace(self, step: StepPlan, requests: list[Request],
+                     decoding: np.ndarray) -> None:
+        rows = [r for r, d in zip(requests, decoding, strict=True) if d]
+        line = {"batch": len(rows),
+                "context": round(self._mean_context),
+                "k": list(step.num_tokens), "sources": [s[0] for s in step.sources],
+                "lookup": [r.lookup_tokens for r in rows],
+                "draft_steps": step.draft_steps,
+                "expected_tokens": round(step.expected_tokens, 3),
+                "expected_ms": round(step.expected_ms, 2),
+                "plain_ms": round(step.plain_ms, 2), "probe": step.probe,
+                "last": self._measured}
+        self._measured = None
+        self._trace.write(json.dumps(line) + "\n")
 
     def _forget_finished(self, req_ids: tuple[str, ...]) -> None:
         """Free the state of requests that left the batch (finished or
@@ -202,6 +245,21 @@ class AdaptiveChains:
             if self.policy is not None:
                 self.policy.remove_request(req_id)
         self._known = live
+
+
+def summarise_trace(path: str) -> dict:
+    """Counts of a policy trace: steps, K per source, mean measured / predicted ms."""
+    lines = [json.loads(line) for line in open(path) if line.strip()]
+    k_by_source = Counter((s, k) for line in lines
+                          for s, k in zip(line["sources"], line["k"], strict=True))
+    timed = [line["last"] for line in lines if line["last"] and line["last"]["predicted_ms"]]
+    return {"steps": len(lines),
+            "drafting_steps": sum(1 for line in lines if line["draft_steps"]),
+            "probes": sum(1 for line in lines if line["probe"]),
+            "k_by_source": {f"{s}{k}": n for (s, k), n in sorted(k_by_source.items())},
+            "measured_over_predicted": (
+                float(np.mean([t["target_ms"] + t["drafting_ms"] for t in timed])
+                      / np.mean([t["predicted_ms"] for t in timed])) if timed else None)}
 
 
 def _spread(num_tokens, sources, decoding) -> tuple[tuple[int, ...], tuple[str, ...]]:
