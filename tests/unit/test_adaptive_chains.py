@@ -8,7 +8,11 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from vllm_longspec.runner.adaptive_chains import TRACE_ENV_VAR, AdaptiveChains, summarise_trace
+from vllm_longspec.runner.adaptive_chains import (
+    TRACE_ENV_VAR,
+    AdaptiveChains,
+    summarise_trace,
+)
 from vllm_longspec.speculation.policy import DRAFT, LOOKUP
 
 VOCAB = 50
@@ -89,7 +93,7 @@ def test_the_policy_trace_records_each_plan_and_the_measured_step(tmp_path, monk
     repeated = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2]
     batch = _batch({"a": repeated})
     rejected = None
-    for step in range(3):
+    for _ in range(3):
         plan = chains.plan(batch, 1, torch.tensor([3]), rejected, np.array([True]))
         rejected = torch.tensor([plan.num_tokens[0]])
         chains.compose(plan, torch.zeros(1, plan.draft_steps, dtype=torch.long), None, 2.0)

@@ -57,7 +57,6 @@ from vllm_longspec.speculation.policy import (
     StepPlan,
 )
 
-
 TRACE_ENV_VAR = "VLLM_LONGSPEC_POLICY_TRACE"
 
 
