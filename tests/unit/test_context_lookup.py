@@ -103,6 +103,29 @@ def test_requests_are_separate_synced_and_freed():
         lookup.propose("a", 2)
 
 
+def test_sync_with_a_tail_is_sync_of_the_joined_list():
+    """``sync(id, row, tail)`` (the runner's row, then this step's tokens) keeps
+    the index exactly as ``sync(id, row + tail)``: appending at every split of
+    old and new tokens between row and tail, and restarting on a rewind."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        history = rng.integers(0, 5, size=int(rng.integers(1, 30))).tolist()
+        joined, split = ContextLookup(max_ngram=4), ContextLookup(max_ngram=4)
+        known = int(rng.integers(0, len(history) + 1))
+        if known:
+            joined.add_request("r", history[:known])
+            split.add_request("r", history[:known])
+        if rng.random() < 0.3 and len(history) > 1:   # rewound: the last token changed
+            history[-1] += 5
+        cut = int(rng.integers(0, len(history) + 1))
+        joined.sync("r", history)
+        split.sync("r", np.asarray(history[:cut]), tuple(history[cut:]))
+        assert split._requests["r"].tokens.tolist() == history
+        for k in (1, 3):
+            assert (split.propose("r", k).tokens.tolist()
+                    == joined.propose("r", k).tokens.tolist())
+
+
 def test_no_match_and_rule():
     index = TokenIndex([5, 6, 7], min_ngram=2)
     assert not index.propose(4).found and len(index.propose(4).tokens) == 0

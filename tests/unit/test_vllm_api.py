@@ -364,10 +364,14 @@ def test_tree_mode_reads_and_returns_these():
     assert rejection_sampler.PLACEHOLDER_TOKEN_ID == verification.PLACEHOLDER_TOKEN_ID
     assert {"sampled_token_ids", "logprobs_tensors"} <= set(
         SamplerOutput.__dataclass_fields__)
-    assert {"num_draft_tokens", "draft_token_ids"} <= set(
+    assert {"num_draft_tokens", "draft_token_ids", "max_spec_len"} <= set(
         SpecDecodeMetadata.__dataclass_fields__)
     assert {"temperature", "all_greedy", "top_k", "top_p", "generators"} <= set(
         SamplingMetadata.__dataclass_fields__)
+    # a step without drafts is sampled by the runner's ``sampler`` when these
+    # say plain sampling is the same (``runner/seeded.py``, ``samples_as_plain``)
+    assert {"max_num_logprobs", "no_penalties", "bad_words_token_ids",
+            "thinking_budget_state_holder"} <= set(SamplingMetadata.__dataclass_fields__)
 
     from vllm import SamplingParams
     from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput

@@ -135,10 +135,8 @@ class AdaptiveChains:
                                         len(accepted))
             tokens = ()
             if self.lookup is not None:
-                history = np.concatenate([
-                    input_batch.token_ids_cpu[row, :num_committed],
-                    np.asarray(accepted + (bonus[row],), dtype=np.int64)])
-                self.lookup.sync(req_id, history)
+                self.lookup.sync(req_id, input_batch.token_ids_cpu[row, :num_committed],
+                                 accepted + (bonus[row],))
                 proposal = self.lookup.propose(req_id, self.k_max)
                 if self.rule.use_lookup(proposal):
                     tokens = tuple(proposal.tokens.tolist())

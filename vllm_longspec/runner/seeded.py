@@ -131,6 +131,17 @@ def target_draws(runner, rows: Mapping[int, torch.Generator], num_drafts: Sequen
     return draws
 
 
+def samples_as_plain(sampling_metadata) -> bool:
+    """Whether vLLM's sampler alone gives a step without drafts exactly what the
+    rejection sampler would: no logprobs (formatted by each differently), no
+    penalties, bad words or thinking budget (which the rejection sampler's
+    bonus draw reads together with the scheduled drafts)."""
+    return (sampling_metadata.max_num_logprobs is None
+            and sampling_metadata.no_penalties
+            and not sampling_metadata.bad_words_token_ids
+            and sampling_metadata.thinking_budget_state_holder is None)
+
+
 class SeededChainVerification(nn.Module):
     """vLLM's rejection sampler, with seeded rows verified by the target's own
     draws: vLLM's result for them is replaced and their generators are put
@@ -142,6 +153,11 @@ class SeededChainVerification(nn.Module):
         self.runner = runner
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
+        if metadata.max_spec_len == 0 and samples_as_plain(sampling_metadata):
+            # No request verifies a draft (the policy chose K = 0 for all):
+            # sample as plain decoding does, one draw per request, without the
+            # rejection sampler's extra passes (~0.4 ms per step at batch 8).
+            return self.runner.sampler(logits=logits, sampling_metadata=sampling_metadata)
         num_drafts = metadata.num_draft_tokens
         rows = seeded_rows(self.runner, len(num_drafts))
         draws = target_draws(self.runner, rows, num_drafts, logits, sampling_metadata)

@@ -79,22 +79,35 @@ def bucket(value: float) -> int:
 
 
 class _Correction:
-    """Decayed weighted least squares of y = r0 + r1 * x with ridge priors at 0."""
+    """Decayed weighted least squares of y = r0 + r1 * x with ridge priors at 0.
+
+    Plain floats: the policy reads the line several times per engine step and
+    observes it once, so the 2x2 solve is done once per observation."""
+
+    __slots__ = ("level_weight", "slope_weight", "s0", "s1", "s2", "m0", "m1",
+                 "weight", "level", "slope")
 
     def __init__(self, level_weight: float, slope_weight: float):
-        self.ridge = np.diag([level_weight, slope_weight])
-        self.gram = np.zeros((2, 2))   # sum w [1, x]^T [1, x]
-        self.moment = np.zeros(2)      # sum w [1, x] y
+        self.level_weight, self.slope_weight = level_weight, slope_weight
+        # decayed sums of w, w x, w x^2 (the Gram matrix) and of w y, w x y
+        self.s0 = self.s1 = self.s2 = self.m0 = self.m1 = 0.0
         self.weight = 0.0              # sum w
+        self.level = self.slope = 0.0  # the solved line
 
-    def coefficients(self) -> np.ndarray:
-        return np.linalg.solve(self.gram + self.ridge, self.moment)
+    def coefficients(self) -> tuple[float, float]:
+        return self.level, self.slope
 
     def observe(self, x: float, y: float, decay: float) -> None:
-        features = np.array([1.0, x])
-        self.gram = decay * self.gram + np.outer(features, features)
-        self.moment = decay * self.moment + features * y
+        self.s0 = decay * self.s0 + 1.0
+        self.s1 = decay * self.s1 + x
+        self.s2 = decay * self.s2 + x * x
+        self.m0 = decay * self.m0 + y
+        self.m1 = decay * self.m1 + x * y
         self.weight = decay * self.weight + 1.0
+        a, b, d = self.s0 + self.level_weight, self.s1, self.s2 + self.slope_weight
+        det = a * d - b * b   # > 0: the ridge makes the matrix positive definite
+        self.level = (d * self.m0 - b * self.m1) / det
+        self.slope = (a * self.m1 - b * self.m0) / det
 
 
 class CostModel:
@@ -121,17 +134,19 @@ class CostModel:
                        context_len: float) -> np.ndarray | float:
         """log(predicted / prior) for N = num_tokens (0 where nothing was measured)."""
         correction = self._target.get(self._pair(batch_size, context_len))
-        if correction is None:
-            return np.zeros_like(np.asarray(num_tokens, dtype=float))[()]
-        level, slope = correction.coefficients()
+        level, slope = correction.coefficients() if correction is not None else (0.0, 0.0)
+        if np.ndim(num_tokens) == 0:
+            return level + slope * (float(num_tokens) / batch_size - 1.0)
         return level + slope * (np.asarray(num_tokens, dtype=float) / batch_size - 1.0)
 
     def target_ms(self, num_tokens: np.ndarray | float, batch_size: int,
                   context_len: float) -> np.ndarray | float:
         """Predicted target step time for N = num_tokens (a scalar or an array)."""
-        result = self.prior.target_ms(num_tokens, batch_size, context_len) * np.exp(
-            self.log_correction(num_tokens, batch_size, context_len))
-        return float(result) if np.ndim(result) == 0 else result
+        prior = self.prior.target_ms(num_tokens, batch_size, context_len)
+        correction = self.log_correction(num_tokens, batch_size, context_len)
+        if np.ndim(num_tokens) == 0:
+            return float(prior) * math.exp(correction)
+        return prior * np.exp(correction)
 
     def draft_step_ms(self, batch_size: int) -> float:
         return self.prior.draft_step_ms(batch_size) * math.exp(
@@ -148,7 +163,7 @@ class CostModel:
             correction = self._target[pair] = _Correction(self.level_weight,
                                                           self.slope_weight)
         elif correction.weight >= 1.0:
-            current = float(self.log_correction(num_tokens, batch_size, context_len))
+            current = self.log_correction(num_tokens, batch_size, context_len)
             ratio = min(max(ratio, current - self.max_jump), current + self.max_jump)
         correction.observe(num_tokens / batch_size - 1.0, ratio, self.decay)
 

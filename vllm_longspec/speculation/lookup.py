@@ -245,19 +245,29 @@ class ContextLookup:
     def extend(self, request_id: Hashable, new_token_ids: Iterable[int]) -> None:
         self._requests[request_id].extend(new_token_ids)
 
-    def sync(self, request_id: Hashable, token_ids: Sequence[int] | np.ndarray) -> None:
-        """Bring a request up to its full token list (e.g. a runner's token row).
+    def sync(self, request_id: Hashable, token_ids: Sequence[int] | np.ndarray,
+             tail: Sequence[int] = ()) -> None:
+        """Bring a request up to its full token list, ``token_ids`` then ``tail``
+        (e.g. a runner's token row, then the tokens this step added to it).
 
         Appends what is new; restarts the request when the list is shorter than
-        what is known or its last known token differs (it was rewound).
+        what is known or its last known token differs (it was rewound). The
+        list is never joined unless the request restarts: a step reads one
+        token of the row and appends a few.
         """
         index = self._requests.get(request_id)
         known = len(index) if index is not None else 0
-        if (index is None or len(token_ids) < known
-                or (known and int(token_ids[known - 1]) != int(index.tokens[-1]))):
-            self.add_request(request_id, token_ids)
-        elif len(token_ids) > known:
-            index.extend(np.asarray(token_ids[known:]))
+        head = len(token_ids)
+        total = head + len(tail)
+        if (index is None or total < known or (known and int(
+                token_ids[known - 1] if known <= head else tail[known - 1 - head])
+                != int(index.tokens[-1]))):
+            self.add_request(request_id, np.concatenate(
+                [np.asarray(token_ids, dtype=np.int64), np.asarray(tail, dtype=np.int64)]))
+        elif total > known:
+            index.extend(np.asarray(tail[known - head:], dtype=np.int64) if known >= head
+                         else np.concatenate([np.asarray(token_ids[known:], dtype=np.int64),
+                                              np.asarray(tail, dtype=np.int64)]))
 
     def propose(self, request_id: Hashable, k: int) -> LookupProposal:
         return self._requests[request_id].propose(k)
