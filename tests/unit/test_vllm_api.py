@@ -364,8 +364,11 @@ def test_tree_mode_reads_and_returns_these():
     assert rejection_sampler.PLACEHOLDER_TOKEN_ID == verification.PLACEHOLDER_TOKEN_ID
     assert {"sampled_token_ids", "logprobs_tensors"} <= set(
         SamplerOutput.__dataclass_fields__)
-    assert {"num_draft_tokens", "draft_token_ids", "max_spec_len"} <= set(
+    assert {"num_draft_tokens", "draft_token_ids"} <= set(
         SpecDecodeMetadata.__dataclass_fields__)
+    # set after init: the longest draft of the step (0: no request has one)
+    assert "self.max_spec_len = max(self.num_draft_tokens)" in inspect.getsource(
+        SpecDecodeMetadata)
     assert {"temperature", "all_greedy", "top_k", "top_p", "generators"} <= set(
         SamplingMetadata.__dataclass_fields__)
     # a step without drafts is sampled by the runner's ``sampler`` when these
