@@ -156,8 +156,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--draft", help="LongSpec draft directory, or 'random' for an "
                         f"untrained one (default: {SHIPPED_DRAFT.relative_to(REPOSITORY)} "
                         "if present)")
-    parser.add_argument("--k", type=k_option, default=4,
-                        help="LongSpec num_speculative_tokens of a bare longspec")
+    parser.add_argument("--k", type=k_option,
+                        help="LongSpec num_speculative_tokens of a bare longspec "
+                        "(default: left to the plugin: 8 for adaptive chains, 4 for "
+                        "fixed ones)")
     parser.add_argument("--tree", nargs="+", default=list(DEFAULT_TREE),
                         metavar="WIDTH", help="level widths of a bare longspec_tree "
                         f"(default {' '.join(map(str, DEFAULT_TREE))})")
@@ -299,6 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.draft_memory and longspec_runs:
         # The probe measures the draft's KV memory: a chain of --k tokens will do.
         longspec_config = parse_spec("longspec").config(options)
+        longspec_config.setdefault("num_speculative_tokens", 4)
         probe = draft_memory_payload(args, engine, prompts, longspec_config,
                                      draft["sha256"])
         if not args.fresh:

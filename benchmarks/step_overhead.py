@@ -107,18 +107,70 @@ def pin_policy_at_zero() -> None:
     adaptive_chains.AdaptiveChains.plan = plan_at_zero
 
 
+def engine_config(spec: str) -> dict | None:
+    """``NAME`` or ``NAME:K`` (``time_split`` methods) -> its speculative config; a
+    bare LongSpec method leaves K to the plugin."""
+    from benchmarks.time_split import speculative_config
+
+    name, _, k = spec.partition(":")
+    config = speculative_config(name, int(k) if k else 4)
+    if config is not None and name.startswith("longspec") and not k:
+        config.pop("num_speculative_tokens")
+    return config
+
+
+def make_engines(specs: list[str], warm_up_prompts) -> dict:
+    """One in-process bfloat16 engine per spec, each warmed up once."""
+    from vllm import LLM, SamplingParams
+
+    from vllm_longspec.assets import ensure_default_target
+
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # the engines in this process
+    model = str(ensure_default_target(progress=False))
+    engines = {}
+    for spec in specs:
+        engines[spec] = LLM(model=model, dtype="bfloat16", max_model_len=8192,
+                            enforce_eager=True, kv_cache_memory_bytes=2 << 30, seed=0,
+                            speculative_config=engine_config(spec))
+        engines[spec].generate(warm_up_prompts, SamplingParams(temperature=0, max_tokens=4),
+                               use_tqdm=False)
+    return engines
+
+
+def alternate(engines: dict, prompts, params, reps: int,
+              before_call=lambda spec: None) -> dict[str, list[float]]:
+    """``reps`` calls of ``generate`` per engine, ABBA; the wall seconds of each."""
+    specs = list(engines)
+    walls: dict[str, list[float]] = {spec: [] for spec in specs}
+    for rep in range(reps):
+        for spec in specs if rep % 2 == 0 else specs[::-1]:
+            before_call(spec)
+            start = time.perf_counter()
+            engines[spec].generate(prompts, params, use_tqdm=False)
+            walls[spec].append(time.perf_counter() - start)
+    return walls
+
+
+def prompt_tokens(prompt_id: str) -> list[int]:
+    for line in PROMPTS.read_text().splitlines():
+        record = json.loads(line)
+        if record["id"] == prompt_id:
+            return record["prompt_token_ids"]
+    raise SystemExit(f"no prompt {prompt_id!r} in {PROMPTS}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reps", type=int, default=10, help="generate calls per method")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--methods", nargs=2, default=["plain", "longspec"],
-                        choices=["plain", "ngram", "longspec", "longspec_draft"])
+                        metavar="NAME[:K]", help="two benchmarks.time_split methods "
+                        "(plain, ngram, longspec, longspec_draft), K optional")
     parser.add_argument("--policy", action="store_true",
                         help="LongSpec's policy as shipped (default: pinned at K = 0)")
     parser.add_argument("--out", default=str(OUT))
     args = parser.parse_args(argv)
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"   # both engines in this process
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trace = out / "policy_trace.jsonl"
@@ -130,33 +182,15 @@ def main(argv: list[str] | None = None) -> None:
         timer.wrap(*phase)
     if not args.policy:
         pin_policy_at_zero()
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from benchmarks.time_split import speculative_config
-    from vllm_longspec.assets import ensure_default_target
-
-    record = next(r for r in map(json.loads, PROMPTS.read_text().splitlines())
-                  if r["id"] == "code-4k-concurrent")
-    prompts = [TokensPrompt(prompt_token_ids=record["prompt_token_ids"])] * args.batch
-    model = str(ensure_default_target(progress=False))
-    engines = {}
-    for method in args.methods:
-        engines[method] = LLM(model=model, dtype="bfloat16", max_model_len=8192,
-                              enforce_eager=True, kv_cache_memory_bytes=2 << 30, seed=0,
-                              speculative_config=speculative_config(method, 4))
-        timer.label = "warm-up"
-        engines[method].generate(prompts, SamplingParams(temperature=0, max_tokens=4),
-                                 use_tqdm=False)
+    prompts = [TokensPrompt(prompt_token_ids=prompt_tokens("code-4k-concurrent"))
+               ] * args.batch
+    engines = make_engines(args.methods, prompts)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
-    walls: dict[str, list[float]] = {method: [] for method in engines}
-    for rep in range(args.reps):
-        order = args.methods if rep % 2 == 0 else args.methods[::-1]   # ABBA
-        for method in order:
-            timer.label = method
-            start = time.perf_counter()
-            engines[method].generate(prompts, params, use_tqdm=False)
-            walls[method].append(time.perf_counter() - start)
+    walls = alternate(engines, prompts, params, args.reps,
+                      before_call=lambda spec: setattr(timer, "label", spec))
 
     results = {method: {"wall_s_median": round(statistics.median(walls[method]), 4),
                         "wall_s": [round(w, 4) for w in walls[method]],

@@ -26,6 +26,13 @@ METHOD_NAME = "longspec"
 # Defaults of the method (paper and reference code).
 DEFAULT_SLIDING_WINDOW = 512
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
+# With adaptive chains K is a ceiling: the policy picks each request's K below
+# it every step. 8 lets a long context-lookup match propose 8 tokens, which
+# verify for little more than 4 at batch 1 (measured in one process against
+# K = 4, bfloat16, 4k prompts: +16% and +40% on code, +2% and +7% on document
+# QA; 16 was within 5% of 8 either way; batch 8 the same within noise:
+# docs/configuration.md).
+DEFAULT_ADAPTIVE_NUM_SPECULATIVE_TOKENS = 8
 # `"tree": true`: the shape measured best on the development machine (2-core
 # CPU, shipped draft, 4k-7k prompts; docs/tree-speculation.md, "Measured").
 DEFAULT_TREE = (2, 2, 2)
@@ -47,8 +54,9 @@ class LongSpecConfig:
 
     Attributes:
         model: directory of the draft (config.json + safetensors).
-        num_speculative_tokens: draft tokens proposed per step (chain length K).
-            ``None`` means: the draft's recommendation, else 4.
+        num_speculative_tokens: draft tokens proposed per step (chain length K;
+            with ``adaptive``, the most a request proposes). ``None`` means: the
+            draft's recommendation, else 8 with ``adaptive``, else 4.
         sliding_window: tokens before the current one that the draft's
             self-attention sees. ``None`` means: the value the draft was trained
             with (config.json), else 512.
@@ -169,12 +177,14 @@ class LongSpecConfig:
     def resolve(self, draft_sliding_window: int,
                 draft_num_speculative_tokens: int | None) -> LongSpecConfig:
         """Every ``None`` filled: the draft checkpoint's window and recommended K
-        (``DraftCheckpoint``), else the method's default K. A tree's K is its
-        number of nodes."""
+        (``DraftCheckpoint``), else the method's default K (a ceiling of 8 for
+        adaptive chains, 4 for fixed ones). A tree's K is its number of nodes."""
+        default = (DEFAULT_ADAPTIVE_NUM_SPECULATIVE_TOKENS if self.adaptive and not self.tree
+                   else DEFAULT_NUM_SPECULATIVE_TOKENS)
         return dataclasses.replace(
             self,
             num_speculative_tokens=(self.num_draft_tokens or draft_num_speculative_tokens
-                                    or DEFAULT_NUM_SPECULATIVE_TOKENS),
+                                    or default),
             sliding_window=self.sliding_window or draft_sliding_window,
         )
 

@@ -42,7 +42,7 @@ SUFFIX_CONFIG = {"method": "suffix"}
 @dataclass(frozen=True)
 class MethodOptions:
     draft: str | None  # LongSpec draft directory
-    num_speculative_tokens: int  # K for LongSpec chains
+    num_speculative_tokens: int | None  # K for LongSpec chains (None: the plugin's)
     tree: tuple[int, ...] = DEFAULT_TREE  # level widths for LongSpec trees
 
 
@@ -84,13 +84,19 @@ def _package_missing(module: str, install_hint: str) -> str | None:
 def _longspec_config(options: MethodOptions, **switches: bool) -> SpeculativeConfig:
     """A LongSpec chain with the plugin's defaults, or with ``switches``
     (``context_lookup``, ``adaptive``) set: the ablation variants."""
+    k = options.num_speculative_tokens
     return {"method": "longspec", "model": options.draft,
-            "num_speculative_tokens": options.num_speculative_tokens, **switches}
+            **({"num_speculative_tokens": k} if k else {}), **switches}
+
+
+def _chain_summary(options: MethodOptions, what: str) -> str:
+    k = options.num_speculative_tokens
+    return f"LongSpec chain, {f'K<={k}' if k else 'the default K'}, {what}"
 
 
 def _longspec_variant(name: str, what: str, **switches: bool) -> Method:
-    return Method(name, lambda options: f"LongSpec chain, K<={options.num_speculative_tokens}"
-                  f", {what}", lambda options: _longspec_config(options, **switches),
+    return Method(name, lambda options: _chain_summary(options, what),
+                  lambda options: _longspec_config(options, **switches),
                   _no_draft, Parameters("K", _parse_k))
 
 
@@ -165,8 +171,8 @@ METHODS: dict[str, Method] = {method.name: method for method in (
            lambda options: _package_missing(
                "arctic_inference", "pip install arctic-inference==0.1.1")),
     Method("longspec",
-           lambda options: f"LongSpec chain, K<={options.num_speculative_tokens}, the "
-           "plugin's defaults (context lookup + adaptive policy)",
+           lambda options: _chain_summary(
+               options, "the plugin's defaults (context lookup + adaptive policy)"),
            _longspec_config, _no_draft, Parameters("K", _parse_k)),
     # The ablation of issue 14: the draft alone, and one feature at a time.
     _longspec_variant("longspec_draft", "the draft alone, every step",

@@ -13,6 +13,21 @@ def test_minimal_config_gets_defaults():
     assert config.draft_sample_method == "probabilistic"
 
 
+def test_default_k_is_a_ceiling_of_8_for_adaptive_chains_and_4_otherwise():
+    def resolved(**options):
+        config = LongSpecConfig.from_user_dict({"method": "longspec", "model": "/d",
+                                                **options})
+        return config.resolve(512, None).num_speculative_tokens
+
+    assert resolved() == 8
+    assert resolved(adaptive=False) == 4
+    assert resolved(num_speculative_tokens=3) == 3
+    assert resolved(tree=[2, 2]) == 4          # a tree's K is its nodes
+    # a draft's recommendation comes before the method's default
+    config = LongSpecConfig.from_user_dict({"method": "longspec", "model": "/d"})
+    assert config.resolve(512, 5).num_speculative_tokens == 5
+
+
 def test_dashes_are_accepted_like_vllm():
     config = LongSpecConfig.from_user_dict(
         {"method": "longspec", "model": "/d", "num-speculative-tokens": 3,
