@@ -43,7 +43,7 @@ def test_published_draft_becomes_a_longspec_draft(family_target, tmp_path):
     config = _engine_config(target, draft)
     spec = config.speculative_config
     assert spec.method == "draft_model"
-    assert spec.num_speculative_tokens == 4
+    assert spec.num_speculative_tokens == 8   # adaptive chains: a ceiling of 8
     assert spec.draft_model_config.architectures == ["LongSpecForCausalLM"]
     settings = LongSpecSettings.of(spec.draft_model_config.hf_config)
     assert settings.config.sliding_window == 512 and settings.config.tree is None

@@ -37,11 +37,11 @@ def test_valid_config_becomes_a_longspec_draft_model(target_dir, random_draft_di
                                          "sliding_window": 64})
     spec = config.speculative_config
     assert spec.method == "draft_model"
-    assert spec.num_speculative_tokens == 4
+    assert spec.num_speculative_tokens == 8   # adaptive chains: a ceiling of 8
     assert spec.draft_model_config.architectures == ["LongSpecForCausalLM"]
     settings = LongSpecSettings.of(spec.draft_model_config.hf_config)
     assert settings.config.sliding_window == 64
-    assert settings.config.num_speculative_tokens == 4  # resolved: the default
+    assert settings.config.num_speculative_tokens == 8  # resolved: the default
     assert settings.draft_vocab_size == 0
 
 
