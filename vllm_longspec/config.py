@@ -28,10 +28,9 @@ DEFAULT_SLIDING_WINDOW = 512
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
 # With adaptive chains K is a ceiling: the policy picks each request's K below
 # it every step. 8 lets a long context-lookup match propose 8 tokens, which
-# verify for little more than 4 at batch 1 (measured in one process against
-# K = 4, bfloat16, 4k prompts: +16% and +40% on code, +2% and +7% on document
-# QA; 16 was within 5% of 8 either way; batch 8 the same within noise:
-# docs/configuration.md).
+# verify for little more than 4 at batch 1 (benchmarks/paired_speed.py against
+# K = 4, bfloat16: 0.99-1.28x at batch 1 on 4k-7k code and document QA, 1.01-1.04x
+# at batch 8; 16 was within 5% of 8; docs/configuration.md).
 DEFAULT_ADAPTIVE_NUM_SPECULATIVE_TOKENS = 8
 # `"tree": true`: the shape measured best on the development machine (2-core
 # CPU, shipped draft, 4k-7k prompts; docs/tree-speculation.md, "Measured").
