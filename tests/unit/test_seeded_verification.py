@@ -119,3 +119,31 @@ def test_verify_step_takes_seeded_rows_out_of_the_rejection_sampler():
     assert draws.slots == [0, 2]
     alone = verify_step({}, [2], drafts[:2], logits[:3], BatchSampling(torch.zeros(1)))
     assert torch.equal(result.sampled_token_ids[0, :3], alone.sampled_token_ids[0])
+
+
+def test_a_step_without_drafts_is_sampled_as_plain_decoding_samples():
+    """No request verifies a draft: vLLM's sampler alone, once, on the logits;
+    with logprobs (or penalties) the rejection sampler still runs."""
+    from types import SimpleNamespace
+
+    from vllm_longspec.runner.seeded import SeededChainVerification, samples_as_plain
+
+    calls = []
+    runner = SimpleNamespace(sampler=lambda logits, sampling_metadata: calls.append(
+        "plain") or "plain output")
+
+    def chain_sampler(*args):
+        calls.append("rejection")
+        return "rejection output"
+
+    verification = SeededChainVerification.__new__(SeededChainVerification)
+    verification.__dict__.update(runner=runner, chain_sampler=chain_sampler)
+    no_drafts = SimpleNamespace(max_spec_len=0)
+    plain = SimpleNamespace(max_num_logprobs=None, no_penalties=True,
+                            bad_words_token_ids={}, thinking_budget_state_holder=None)
+    assert verification.forward(no_drafts, None, "logits", plain) == "plain output"
+    assert calls == ["plain"]
+    calls.clear()
+    with_logprobs = SimpleNamespace(**{**vars(plain), "max_num_logprobs": 2})
+    assert samples_as_plain(plain) and not samples_as_plain(with_logprobs)
+    assert not samples_as_plain(SimpleNamespace(**{**vars(plain), "no_penalties": False}))
