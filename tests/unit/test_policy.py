@@ -46,6 +46,37 @@ def test_the_docstring_worked_example():
     assert low.num_tokens == (0,) and low.draft_steps == 0 and not low.speculates
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_the_best_plan_is_the_best_of_every_assignment(seed):
+    """The sorted-gains search equals brute force over every (K_r) assignment."""
+    rng = np.random.default_rng(seed)
+    batch, k_max = int(rng.integers(1, 4)), 3
+    prior = CostPrior(fixed_ms=40.0, per_token_ms=float(rng.uniform(0.05, 12.0)),
+                      draft_fixed_ms=float(rng.uniform(0.1, 8.0)))
+    policy = SpeculationPolicy(PolicyConfig(k_max=k_max), CostModel(prior))
+    lookup = [int(rng.choice([0, 0, 1, 2, 3])) for _ in range(batch)]
+    batch_requests = [Request(f"r{i}", 4096, n) for i, n in enumerate(lookup)]
+    sources = [LOOKUP if n else DRAFT for n in lookup]
+    for request, source in zip(batch_requests, sources, strict=True):
+        for _ in range(int(rng.integers(0, 12))):   # acceptance differing per request
+            proposed = int(rng.integers(1, k_max + 1))
+            accepted = proposed if rng.random() < 0.5 else int(rng.integers(0, proposed))
+            policy.observe(request.request_id, source, proposed, accepted)
+    gains = np.cumprod(policy._rates([r.request_id for r in batch_requests], sources),
+                       axis=1)
+    limits = [min(n, k_max) if n else k_max for n in lookup]
+    gains[np.arange(k_max) >= np.array(limits)[:, None]] = 0.0
+    is_lookup = np.array([n > 0 for n in lookup])
+    drafting = sources.count(DRAFT)
+    best = policy._best_speculative(gains, is_lookup, 4096.0, drafting)
+    speeds = []
+    for assignment in np.ndindex(*(limit + 1 for limit in limits)):
+        if any(assignment):
+            plan = policy._priced(list(assignment), gains, is_lookup, 4096.0, drafting)
+            speeds.append(plan.tokens / plan.ms)
+    assert best.tokens / best.ms == pytest.approx(max(speeds), rel=1e-12)
+
+
 def test_zero_when_observed_acceptance_is_low():
     policy = SpeculationPolicy(PolicyConfig(probe_interval=1000, max_probe_interval=1000),
                                CostModel(CHEAP))

@@ -233,30 +233,36 @@ class LongSpecProposer(DraftModelProposer):
         num_rejected_tokens_gpu=None,
         slot_mappings=None,
     ) -> torch.Tensor | list[list[int]]:
-        cad = common_attn_metadata
-        cross_attention = self._cross_attention_inputs(cad, num_rejected_tokens_gpu)
-        draft_block_table = self.runner.input_batch.block_table[self.kv_cache_gid]
-        cad = cad.replace(
-            block_table_tensor=draft_block_table.get_device_tensor(
-                cad.block_table_tensor.shape[0]
-            )
-        )
         # vLLM's first-pass arguments, after the number of draft steps
         first_pass = (target_token_ids, target_positions, target_hidden_states,
-                      next_token_ids, token_indices_to_sample, cad)
+                      next_token_ids, token_indices_to_sample, common_attn_metadata)
         first_pass_kwargs = dict(sampling_metadata=sampling_metadata,
                                  mm_embed_inputs=mm_embed_inputs,
                                  num_rejected_tokens_gpu=num_rejected_tokens_gpu,
                                  slot_mappings=slot_mappings)
+        if self.adaptive is not None:
+            return self._propose_adaptive(num_rejected_tokens_gpu, *first_pass,
+                                          **first_pass_kwargs)
+        cross_attention, first_pass = self._round_inputs(num_rejected_tokens_gpu,
+                                                         *first_pass)
         if self.tree_drafter is not None:
             return self._propose_trees(
-                cross_attention, draft_block_table.get_device_tensor(cad.num_reqs),
+                cross_attention, first_pass[5].block_table_tensor[:cross_attention.num_reqs],
                 *first_pass, **first_pass_kwargs)
-        if self.adaptive is not None:
-            return self._propose_adaptive(cross_attention, num_rejected_tokens_gpu,
-                                          *first_pass, **first_pass_kwargs)
         return self._propose_chain(cross_attention, num_speculative_tokens,
                                    *first_pass, **first_pass_kwargs)
+
+    def _round_inputs(self, num_rejected_tokens, *first_pass
+                      ) -> tuple[CrossAttentionInputs, tuple]:
+        """What a draft forward needs: the cross-attention's view of the target's
+        cache, and the first pass's arguments with vLLM's metadata pointing at
+        the draft group's block table (not built in a step that drafts nothing)."""
+        cad = first_pass[5]
+        cross_attention = self._cross_attention_inputs(cad, num_rejected_tokens)
+        draft_block_table = self.runner.input_batch.block_table[self.kv_cache_gid]
+        cad = cad.replace(block_table_tensor=draft_block_table.get_device_tensor(
+            cad.block_table_tensor.shape[0]))
+        return cross_attention, (*first_pass[:5], cad)
 
     def _draft_with_vllm(self, cross_attention: CrossAttentionInputs, num_steps: int,
                          *first_pass, window_only: bool = False, **first_pass_kwargs):
@@ -278,15 +284,14 @@ class LongSpecProposer(DraftModelProposer):
                                                    *first_pass, **first_pass_kwargs)
         return draft_token_ids
 
-    def _propose_adaptive(self, cross_attention: CrossAttentionInputs,
-                          num_rejected_tokens, *first_pass,
+    def _propose_adaptive(self, num_rejected_tokens, *first_pass,
                           **first_pass_kwargs) -> list[list[int]]:
         """Chains with context lookup and the speculation policy
         (``adaptive_chains``): per request K_r tokens, from the lookup or the
         draft; the draft runs ``plan.draft_steps`` steps (0: no draft forward,
         the step's K/V written into the window, ``_write_window``; where that
         cannot be done, vLLM's first pass alone)."""
-        num_reqs = cross_attention.num_reqs
+        num_reqs = first_pass[5].num_reqs
         decoding = ~self.runner.discard_request_mask.np[:num_reqs].astype(bool)
         plan = self.adaptive.plan(self.runner.input_batch, num_reqs, first_pass[3],
                                   num_rejected_tokens, decoding)
@@ -297,6 +302,8 @@ class LongSpecProposer(DraftModelProposer):
             self._last_draft_probs = None
         else:
             # Drafting, or a window write vLLM's first pass must do (window_only).
+            cross_attention, first_pass = self._round_inputs(num_rejected_tokens,
+                                                             *first_pass)
             draft_token_ids, _ = self._draft_with_vllm(
                 cross_attention, plan.draft_steps, *first_pass,
                 window_only=plan.draft_steps == 0, **first_pass_kwargs)

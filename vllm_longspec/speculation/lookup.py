@@ -149,14 +149,19 @@ class TokenIndex:
         if candidates is None or len(candidates) == 0:
             return NO_MATCH
         history = self._buffer
-        # the key's own tokens already match; extend the match backwards
-        match_len = self.key_len
-        while match_len < self.max_ngram:
-            reach = candidates[candidates >= match_len]  # h[p - match_len] exists
-            longer = reach[history[reach - match_len] == history[end - match_len]]
-            if len(longer) == 0:
-                break
-            candidates, match_len = longer, match_len + 1
+        # the key's own tokens already match; compare the max_ngram - key_len tokens
+        # before them at once: [n, J] h[p - j] == h[end - j] for j = key_len..
+        offsets = np.arange(self.key_len, min(self.max_ngram, end + 1))
+        if len(offsets):
+            before = candidates[:, None] - offsets                       # [n, J]
+            equal = ((history[np.maximum(before, 0)] == history[end - offsets])
+                     & (before >= 0))
+            # [n] match length: the key plus the run of equal tokens right before it
+            lengths = self.key_len + np.logical_and.accumulate(equal, axis=1).sum(axis=1)
+            match_len = int(lengths.max())
+            candidates = candidates[lengths == match_len]
+        else:
+            match_len = self.key_len
         if match_len < self.min_ngram:
             return NO_MATCH
         start = int(candidates[-1 if self.prefer_recent else 0]) + 1

@@ -268,30 +268,32 @@ class SpeculationPolicy:
 
     def _best_speculative(self, gains: np.ndarray, is_lookup: np.ndarray, context: float,
                           drafting: int) -> _Candidate | None:
-        """The plan with the most tokens per ms among those proposing >= 1 token."""
+        """The plan with the most tokens per ms among those proposing >= 1 token.
+
+        All depths at once: the positive gains sorted once (stable, so a request's
+        positions stay in order among equal gains); depth D allows the lookup
+        tokens and the draft tokens at positions < D, and within the sorted list
+        the allowed ones are exactly D's candidates in D's own order."""
         batch, k_max = gains.shape
-        positions = np.arange(k_max)
-        best, best_speed = None, -1.0
-        for depth in range(k_max + 1):
-            # [batch, K_max] tokens allowed: lookup ones, draft ones at positions < depth
-            allowed = (gains > 0) & (is_lookup[:, None] | (positions < depth))
-            rows = np.nonzero(allowed)[0]                                # [M] row-major
-            if len(rows) == 0:
-                continue
-            values = gains[allowed]                                      # [M]
-            # stable: a request's positions stay in order among equal gains
-            order = np.argsort(-values, kind="stable")
-            tokens = batch + np.cumsum(values[order])                    # [M]
-            draft_ms = depth * self.cost.draft_step_ms(drafting) if depth else 0.0
-            ms = self.cost.target_ms(batch + np.arange(1, len(order) + 1), batch,
-                                     context) + draft_ms                 # [M]
-            n = int(np.argmax(tokens / ms))
-            if tokens[n] / ms[n] > best_speed:
-                best_speed = tokens[n] / ms[n]
-                best = np.bincount(rows[order[:n + 1]], minlength=batch).tolist()
-        if best is None:
+        rows, positions = np.nonzero(gains > 0)                          # [M] row-major
+        if len(rows) == 0:
             return None
-        return self._priced(best, gains, is_lookup, context, drafting)
+        order = np.argsort(-gains[rows, positions], kind="stable")
+        rows, positions = rows[order], positions[order]
+        values = gains[rows, positions]                                  # [M] descending
+        depths = np.arange(k_max + 1)[:, None]                           # [D + 1, 1]
+        # [D + 1, M] token m may be proposed at depth D
+        allowed = is_lookup[rows] | (positions < depths)
+        tokens = batch + np.cumsum(np.where(allowed, values, 0.0), axis=1)
+        draft_ms = depths * self.cost.draft_step_ms(drafting) if drafting else 0.0
+        ms = self.cost.target_ms(batch + np.cumsum(allowed, axis=1), batch,
+                                 context) + draft_ms
+        # evaluated right after an allowed token; the first maximum (smallest D, n)
+        speed = np.where(allowed, tokens / ms, -np.inf)
+        depth, last = np.unravel_index(int(np.argmax(speed)), speed.shape)
+        taken = rows[:last + 1][allowed[depth, :last + 1]]
+        return self._priced(np.bincount(taken, minlength=batch).tolist(), gains,
+                            is_lookup, context, drafting)
 
     def _priced(self, num_tokens: list[int], gains: np.ndarray, is_lookup: np.ndarray,
                 context: float, drafting: int) -> _Candidate:
