@@ -71,12 +71,20 @@ def run(command: list[str], log: Path) -> None:
         subprocess.run(command, check=True, stdout=out, stderr=subprocess.STDOUT)
 
 
-def evaluate(name: str, draft: str) -> dict:
-    out = EVAL / f"ablate-{name}.json"
+def evaluate_draft(name: str, draft: str, directory: Path = EVAL) -> dict:
+    """The fixed offline evaluation of one draft, kept as DIRECTORY/NAME.json (an
+    existing result is read, not redone); continuations and target features are
+    shared by every draft scored (EVAL_ARGS)."""
+    out = directory / f"{name}.json"
     if not out.exists():
+        directory.mkdir(parents=True, exist_ok=True)
         run([sys.executable, "-m", "vllm_longspec.cli", "evaluate", "--draft", draft,
-             *EVAL_ARGS, "--out", str(out)], EVAL / f"ablate-{name}.log")
+             *EVAL_ARGS, "--out", str(out)], directory / f"{name}.log")
     return json.loads(out.read_text())
+
+
+def evaluate(name: str, draft: str) -> dict:
+    return evaluate_draft(f"ablate-{name}", draft)
 
 
 def train(arm: str, tokens: int, lr: float) -> dict:

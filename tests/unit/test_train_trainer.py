@@ -117,8 +117,17 @@ def test_cli_train_and_resume(workspace, capsys):
     raw = _config(workspace, "cli", distill_weight=0.5)
     config_file = workspace / "cli.json"
     config_file.write_text(json.dumps(raw))
+    point = workspace / "cli-step-2"
+    assert main(["train", "--config", str(config_file), "--export-checkpoint",
+                 str(point)]) == 2   # nothing to export yet
+    assert "no checkpoint-last.pt" in capsys.readouterr().err
     assert main(["train", "--config", str(config_file), "--max-steps", "2"]) == 0
     assert "--resume" in capsys.readouterr().out
+    assert main(["train", "--config", str(config_file), "--export-checkpoint",
+                 str(point)]) == 0
+    assert json.loads((point / "config.json").read_text())["longspec"]["trained"][
+        "steps"] == 2
+    assert not (workspace / "cli" / "draft").exists()
     assert main(["train", "--config", str(config_file), "--resume"]) == 0
     assert (workspace / "cli" / "draft" / "model.safetensors").is_file()
     records = [json.loads(line) for line in

@@ -5,7 +5,9 @@
 
 ``--output-dir``, ``--target``, ``--num-threads`` and ``--device`` override the config;
 ``--max-steps N`` stops after N steps with a checkpoint (smoke tests, time
-slicing: run again with ``--resume``). ``--layout published`` exports the draft
+slicing: run again with ``--resume``); ``--export-checkpoint DIR`` trains
+nothing and exports the draft of ``checkpoint-last.pt`` as it stands (a point
+of a learning curve, ``benchmarks/learning_curve.py``). ``--layout published`` exports the draft
 as the reference code (sail-sg/LongSpec) saves one; ``--resume`` of a finished
 run only exports again, so it rewrites a finished draft in another layout.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 
 def build_parser(prog: str = "vllm-longspec train") -> argparse.ArgumentParser:
@@ -32,6 +35,8 @@ def build_parser(prog: str = "vllm-longspec train") -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu (default) or cuda[:N] (untested on a GPU so far)")
     parser.add_argument("--max-steps", type=int,
                         help="stop after this many steps of this run (checkpointed)")
+    parser.add_argument("--export-checkpoint", metavar="DIR",
+                        help="train nothing: export the latest checkpoint's draft to DIR")
     parser.add_argument("--layout", choices=LAYOUTS, default="longspec",
                         help="export layout: longspec (default; window and training "
                         "summary in config.json) or published (the reference code's "
@@ -45,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     from vllm_longspec.model.checkpoint import DraftCheckpointError
     from vllm_longspec.train.config import TrainConfigError, load_config
     from vllm_longspec.train.trainer import Trainer
+    from vllm_longspec.train.trainer_checkpoint import checkpoint_path
 
     try:
         config = load_config(args.config)
@@ -54,10 +60,16 @@ def main(argv: list[str] | None = None) -> int:
             "device": args.device,
         }
         config = config.replace(**{k: v for k, v in overrides.items() if v is not None})
-        trainer = Trainer(config, resume=args.resume)
+        if args.export_checkpoint and not checkpoint_path(config.output_dir).is_file():
+            raise ValueError(f"--export-checkpoint: no checkpoint-last.pt in "
+                             f"{config.output_dir}")
+        trainer = Trainer(config, resume=args.resume or bool(args.export_checkpoint))
     except (TrainConfigError, FileExistsError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.export_checkpoint:
+        print(f"draft: {trainer.export(args.layout, Path(args.export_checkpoint))}")
+        return 0
     try:
         draft_dir = trainer.run(max_steps=args.max_steps, layout=args.layout)
     except DraftCheckpointError as err:  # checked before the first step

@@ -360,9 +360,10 @@ class Trainer:
             return f"target-layer:{self.config.init_from_target_layer}"
         return "random"
 
-    def export(self, layout: str = "longspec") -> Path:
-        """Write ``output_dir/draft``; layout "published" is the reference code's
-        (no ``longspec`` section: the summary below is then not stored)."""
+    def export(self, layout: str = "longspec", directory: Path | None = None) -> Path:
+        """Write the draft as it stands to ``directory`` (default ``output_dir/draft``);
+        layout "published" is the reference code's (no ``longspec`` section: the
+        summary below is then not stored)."""
         from vllm_longspec.model.checkpoint import save_draft
 
         summary = {
@@ -380,7 +381,7 @@ class Trainer:
             "excluded_files": len(self.exclusions.skipped),
         }
         directory = save_draft(
-            self.output_dir / "draft", self._export_state(), self.target_config,
+            directory or self.output_dir / "draft", self._export_state(), self.target_config,
             {"sliding_window": self.config.sliding_window,
              "target": str(self.target_path), "trained": summary,
              **self._draft_vocab_settings()},
