@@ -210,12 +210,13 @@ def test_cost_model_learns_a_correction_line_per_cell():
     model = CostModel(CostPrior(fixed_ms=10.0, per_token_ms=1.0))
     assert model.target_ms(8, 8, 4096) == pytest.approx(18.0)
     for _ in range(100):
-        model.observe_target(8, 8, 4096, 36.0)               # plain steps: 2x the prior
+        model.observe_target(8, 8, 4096, 36.0)               # plain steps: 18 ms over
     assert model.target_ms(8, 8, 4096) == pytest.approx(36.0, rel=0.02)
-    # q = 5 never measured: the line's level carries it
-    assert model.target_ms(40, 8, 4096) == pytest.approx(100.0, rel=0.02)
+    # 32 extra tokens never measured: the level carries over, the prior's 1 ms per
+    # extra token stands (a factor would have doubled it)
+    assert model.target_ms(40, 8, 4096) == pytest.approx(68.0, rel=0.02)
     for _ in range(100):
-        model.observe_target(40, 8, 4096, 50.0)              # q = 5 measured: 1x
+        model.observe_target(40, 8, 4096, 50.0)              # measured: the prior's
         model.observe_target(8, 8, 4096, 36.0)
     # the slope's ridge keeps a little of the level: within 10%
     assert model.target_ms(40, 8, 4096) == pytest.approx(50.0, rel=0.1)
@@ -224,11 +225,28 @@ def test_cost_model_learns_a_correction_line_per_cell():
     assert model.target_ms(8, 8, 512) == pytest.approx(18.0)     # other context bucket
     curve = model.target_ms(np.array([8, 16, 40]), 8, 4096)
     assert curve.shape == (3,)
-    # fitted: 2x the prior at q = 1, about 1x at q = 5
-    assert np.all(np.diff(model.log_correction(np.array([8, 16, 40]), 8, 4096)) < 0)
+    # fitted: 18 ms over the prior at 0 extra tokens, about 0 at 32
+    assert np.all(np.diff(model.correction_ms(np.array([8, 16, 40]), 8, 4096)) < 0)
+    for _ in range(200):
+        model.observe_target(8, 8, 4096, 1.0)                # never below 10% of the prior
+    assert model.target_ms(8, 8, 4096) >= 0.1 * 18.0
     model.observe_draft_step(8, 6.5)
     assert model.draft_step_ms(8) == pytest.approx(6.5)
     assert model.draft_step_ms(1) == pytest.approx(3.25)
+
+
+def test_extra_tokens_at_batch_8_keep_their_marginal_cost():
+    """Measured (VLLM_LONGSPEC_POLICY_TRACE, batch 8, 4k, bfloat16): plain steps
+    44.5 ms, now and then K = 1 for all eight 64.4 ms. Under the default prior
+    the line must price the rare step right, not scale its cost with the
+    plain steps' level (a factor gave 58 ms: 10% cheap)."""
+    model = CostModel()
+    for step in range(240):
+        model.observe_target(8, 8, 4096, 44.5)
+        if step % 48 == 47:
+            model.observe_target(16, 8, 4096, 64.4)
+    assert model.target_ms(8, 8, 4096) == pytest.approx(44.5, rel=0.03)
+    assert model.target_ms(16, 8, 4096) == pytest.approx(64.4, rel=0.05)
 
 
 def test_one_stall_moves_the_cost_by_a_bounded_step():

@@ -14,19 +14,28 @@ bookkeeping), ``draft_step_ms`` one draft forward. The prior is linear,
 (``CostPrior.fit`` fits it by least squares to steps timed at start-up). The
 real curve is not linear (memory-bound at small N, compute-bound later, and
 the machine may be loaded), so ``CostModel`` corrects it per cell (batch
-bucket, context bucket): with q = N / b the tokens verified per request,
+bucket, context bucket): with e = N - b the tokens verified beyond one per
+request,
 
-    log(measured / prior) ~ r0 + r1 * (q - 1)
+    measured - prior ~ r0 + r1 * e        (milliseconds)
 
-a line in q fitted by exponentially decayed least squares over the cell's
+a line in e fitted by exponentially decayed least squares over the cell's
 steps, ridge-regularised towards 0 (no correction) with ``level_weight`` and
-``slope_weight`` pseudo-observations. Every step moves the whole line, so a
-q the policy stopped choosing still follows the machine's level, and one
-slow step cannot price a q out for good: an earlier table of independent
-corrections per q did exactly that. With steps timed with a spread of 30%
+``slope_weight`` pseudo-observations. Additive, not a factor: at batch 8 a
+plain step here costs about what the batch-1 prior says (the weights are read
+once either way) while each extra verified token still costs about the prior's
+2.25 ms; a factor fitted on the plain steps (0.74 there) scaled that marginal
+cost down with the level, priced a K = 1 step for all eight requests at 58 ms
+where it took 64 (``VLLM_LONGSPEC_POLICY_TRACE``), and let the policy pay for
+lookup tokens that did not pay back. Until the cell has measured extra tokens,
+the prior's marginal cost stands. Every step moves the whole line, so an e the
+policy stopped choosing still follows the machine's level, and one slow step
+cannot price an e out for good: an earlier table of independent corrections
+per tokens-per-request did exactly that. With steps timed with a spread of 30%
 (a loaded VM), it kept batch-1 lookup chains at K = 3 in 45% of the steps
-where K = 4 was 14% faster (``tests/unit/test_policy.py``). Each observation's log
-ratio is also clipped to ``max_jump`` around the line's current value, so a
+where K = 4 was 14% faster (``tests/unit/test_policy.py``). Each observation
+is also clipped to ``max_jump`` (a fraction) around the line's current
+prediction, so a
 stall (a page fault, another process) moves it by a bounded step. Buckets are
 powers of two (batch 1, 2, 3-4, 5-8, ...; context up to 1k, 2k, 4k, ...).
 """
@@ -73,6 +82,9 @@ class CostPrior:
         return cls(*target.tolist(), *draft.tolist())
 
 
+MIN_SHARE = 0.1   # a prediction never falls below this share of the prior
+
+
 def bucket(value: float) -> int:
     """Power-of-two bucket: 1 -> 0, 2 -> 1, 3-4 -> 2, 5-8 -> 3, ..."""
     return max(0, math.ceil(math.log2(max(value, 1.0))))
@@ -111,7 +123,7 @@ class _Correction:
 
 
 class CostModel:
-    """The prior times a learned correction per (batch, context) cell."""
+    """The prior plus a learned correction line per (batch, context) cell."""
 
     def __init__(self, prior: CostPrior | None = None, *, decay: float = 0.95,
                  context_unit: int = 1024, level_weight: float = 0.5,
@@ -130,23 +142,26 @@ class CostModel:
     def _pair(self, batch_size: int, context_len: float) -> tuple[int, int]:
         return bucket(batch_size), bucket(context_len / self.context_unit)
 
-    def log_correction(self, num_tokens: np.ndarray | float, batch_size: int,
-                       context_len: float) -> np.ndarray | float:
-        """log(predicted / prior) for N = num_tokens (0 where nothing was measured)."""
+    def correction_ms(self, num_tokens: np.ndarray | float, batch_size: int,
+                      context_len: float) -> np.ndarray | float:
+        """predicted - prior, ms, for N = num_tokens (0 where nothing was measured)."""
         correction = self._target.get(self._pair(batch_size, context_len))
-        level, slope = correction.coefficients() if correction is not None else (0.0, 0.0)
+        if correction is None:
+            return 0.0 if np.ndim(num_tokens) == 0 else np.zeros(np.shape(num_tokens))
+        level, slope = correction.coefficients()
         if np.ndim(num_tokens) == 0:
-            return level + slope * (float(num_tokens) / batch_size - 1.0)
-        return level + slope * (np.asarray(num_tokens, dtype=float) / batch_size - 1.0)
+            return level + slope * (float(num_tokens) - batch_size)
+        return level + slope * (np.asarray(num_tokens, dtype=float) - batch_size)
 
     def target_ms(self, num_tokens: np.ndarray | float, batch_size: int,
                   context_len: float) -> np.ndarray | float:
-        """Predicted target step time for N = num_tokens (a scalar or an array)."""
+        """Predicted target step time for N = num_tokens (a scalar or an array);
+        at least ``MIN_SHARE`` of the prior's, whatever the line says."""
         prior = self.prior.target_ms(num_tokens, batch_size, context_len)
-        correction = self.log_correction(num_tokens, batch_size, context_len)
+        predicted = prior + self.correction_ms(num_tokens, batch_size, context_len)
         if np.ndim(num_tokens) == 0:
-            return float(prior) * math.exp(correction)
-        return prior * np.exp(correction)
+            return max(float(predicted), MIN_SHARE * float(prior))
+        return np.maximum(predicted, MIN_SHARE * prior)
 
     def draft_step_ms(self, batch_size: int) -> float:
         return self.prior.draft_step_ms(batch_size) * math.exp(
@@ -157,15 +172,14 @@ class CostModel:
         """A measured target step (forward + the rest of the step, no drafting)."""
         pair = self._pair(batch_size, context_len)
         correction = self._target.get(pair)
-        ratio = math.log(max(ms, 1e-6) / max(
-            self.prior.target_ms(num_tokens, batch_size, context_len), 1e-6))
         if correction is None:
             correction = self._target[pair] = _Correction(self.level_weight,
                                                           self.slope_weight)
         elif correction.weight >= 1.0:
-            current = self.log_correction(num_tokens, batch_size, context_len)
-            ratio = min(max(ratio, current - self.max_jump), current + self.max_jump)
-        correction.observe(num_tokens / batch_size - 1.0, ratio, self.decay)
+            current = float(self.target_ms(num_tokens, batch_size, context_len))
+            ms = min(max(ms, current * (1 - self.max_jump)), current * (1 + self.max_jump))
+        excess = ms - float(self.prior.target_ms(num_tokens, batch_size, context_len))
+        correction.observe(float(num_tokens - batch_size), excess, self.decay)
 
     def observe_draft_step(self, batch_size: int, ms: float) -> None:
         key = bucket(batch_size)
