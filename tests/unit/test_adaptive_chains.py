@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from vllm_longspec.runner import adaptive_chains
 from vllm_longspec.runner.adaptive_chains import (
     TRACE_ENV_VAR,
     AdaptiveChains,
@@ -72,12 +73,16 @@ def test_rows_in_prefill_get_no_proposal_and_leavers_are_forgotten():
     assert "a" not in chains.lookup and "a" not in chains._proposed
 
 
-def test_the_policy_backs_off_when_nothing_is_accepted():
+def test_the_policy_backs_off_when_nothing_is_accepted(monkeypatch):
+    clock = SimpleNamespace(now=0.0)
+    # steps as long as a plain one here (44 ms), whatever the test machine does
+    monkeypatch.setattr(adaptive_chains, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     chains = AdaptiveChains(4, lookup=False, adaptive=True)
     batch = _batch({"a": list(range(20))})
     zero_steps = 0
     rejected = None  # no previous round before the first step
     for step in range(60):
+        clock.now += 0.044
         plan = chains.plan(batch, 1, torch.tensor([20 + step]), rejected, np.array([True]))
         rejected = torch.tensor([plan.num_tokens[0]])
         zero_steps += plan.num_tokens[0] == 0

@@ -249,6 +249,28 @@ def test_extra_tokens_at_batch_8_keep_their_marginal_cost():
     assert model.target_ms(16, 8, 4096) == pytest.approx(64.4, rel=0.05)
 
 
+def test_leaving_plain_decoding_costs_a_jump():
+    """Batch 1, 7k (measured with VLLM_LONGSPEC_POLICY_TRACE): one token 54 ms,
+    two 66, then about 4 ms per token. Mostly speculative steps, a few plain:
+    both the plain step and the first extra token must be priced right (a line
+    without the jump put the plain step 8 ms high and the jump 14 ms low), and
+    lookup tokens accepted at 0.2 must not be verified."""
+    rng = np.random.default_rng(0)
+    truth = {0: 54.0, 1: 66.0, 2: 70.0, 3: 74.0, 4: 78.0}
+    policy = SpeculationPolicy()
+    for _ in range(300):
+        extra = 0 if rng.random() < 0.15 else int(rng.integers(1, 5))
+        policy.observe_step(1 + extra, 1, 7000, truth[extra] * rng.normal(1, 0.03))
+    for extra, ms in truth.items():
+        assert policy.cost.target_ms(1 + extra, 1, 7000) == pytest.approx(ms, rel=0.04)
+    for _ in range(50):
+        policy.observe("r", LOOKUP, 4, int(rng.random() < 0.2))
+    plan = policy.plan([Request("r", 7000, 4)])
+    assert plan.num_tokens == (0,)
+    # with the prior alone (no steps measured) the same request would speculate
+    assert SpeculationPolicy(fixed_rates(0.2)).plan([Request("r", 7000, 4)]).speculates
+
+
 def test_one_stall_moves_the_cost_by_a_bounded_step():
     model = CostModel(CostPrior(fixed_ms=10.0, per_token_ms=1.0), max_jump=0.3)
     for _ in range(50):

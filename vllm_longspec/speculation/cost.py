@@ -17,12 +17,19 @@ the machine may be loaded), so ``CostModel`` corrects it per cell (batch
 bucket, context bucket): with e = N - b the tokens verified beyond one per
 request,
 
-    measured - prior ~ r0 + r1 * e        (milliseconds)
+    measured - prior ~ r0 + r1 * e + r2 * [e > 0]        (milliseconds)
 
-a line in e fitted by exponentially decayed least squares over the cell's
-steps, ridge-regularised towards 0 (no correction) with ``level_weight`` and
-``slope_weight`` pseudo-observations. Additive, not a factor: at batch 8 a
-plain step here costs about what the batch-1 prior says (the weights are read
+fitted by exponentially decayed least squares over the cell's steps,
+ridge-regularised towards 0 (no correction) with ``level_weight``,
+``slope_weight`` and ``switch_weight`` pseudo-observations. r2 is the price of
+leaving plain decoding at all: a step that verifies more than one token per
+request for some request runs the attention's multi-query path, which here
+costs a jump, not a slope (batch 1, 7k, bfloat16: 54 ms for one token, 66 for
+two, 73 for three); a line alone fitted mostly on speculative steps put plain
+steps too high and the first extra token too cheap, and the policy kept
+verifying lookup tokens that lost (0.87x plain on a 7k document-QA prompt).
+
+Additive, not a factor: at batch 8 a plain step here costs about what the batch-1 prior says (the weights are read
 once either way) while each extra verified token still costs about the prior's
 2.25 ms; a factor fitted on the plain steps (0.74 there) scaled that marginal
 cost down with the level, priced a K = 1 step for all eight requests at 58 ms
@@ -34,9 +41,8 @@ cannot price an e out for good: an earlier table of independent corrections
 per tokens-per-request did exactly that. With steps timed with a spread of 30%
 (a loaded VM), it kept batch-1 lookup chains at K = 3 in 45% of the steps
 where K = 4 was 14% faster (``tests/unit/test_policy.py``). Each observation
-is also clipped to ``max_jump`` (a fraction) around the line's current
-prediction, so a
-stall (a page fault, another process) moves it by a bounded step. Buckets are
+is also clipped to ``max_jump`` (a fraction) around the current prediction,
+so a stall (a page fault, another process) moves it by a bounded step. Buckets are
 powers of two (batch 1, 2, 3-4, 5-8, ...; context up to 1k, 2k, 4k, ...).
 """
 
@@ -91,35 +97,32 @@ def bucket(value: float) -> int:
 
 
 class _Correction:
-    """Decayed weighted least squares of y = r0 + r1 * x with ridge priors at 0.
+    """Decayed weighted ridge least squares of y = r0 + r1 * e + r2 * [e > 0],
+    the ridge pulling each coefficient towards 0 (no correction).
 
-    Plain floats: the policy reads the line several times per engine step and
-    observes it once, so the 2x2 solve is done once per observation."""
+    Solved once per observation (3 x 3); the policy reads the three floats
+    several times per engine step."""
 
-    __slots__ = ("level_weight", "slope_weight", "s0", "s1", "s2", "m0", "m1",
-                 "weight", "level", "slope")
+    __slots__ = ("ridge", "gram", "moments", "weight", "level", "slope", "switch")
 
-    def __init__(self, level_weight: float, slope_weight: float):
-        self.level_weight, self.slope_weight = level_weight, slope_weight
-        # decayed sums of w, w x, w x^2 (the Gram matrix) and of w y, w x y
-        self.s0 = self.s1 = self.s2 = self.m0 = self.m1 = 0.0
-        self.weight = 0.0              # sum w
-        self.level = self.slope = 0.0  # the solved line
+    def __init__(self, level_weight: float, slope_weight: float, switch_weight: float):
+        self.ridge = np.diag([level_weight, slope_weight, switch_weight])
+        self.gram = np.zeros((3, 3))     # decayed sum of w x x^T, x = (1, e, [e > 0])
+        self.moments = np.zeros(3)       # decayed sum of w y x
+        self.weight = 0.0                # decayed sum of w
+        self.level = self.slope = self.switch = 0.0
 
-    def coefficients(self) -> tuple[float, float]:
-        return self.level, self.slope
+    def coefficients(self) -> tuple[float, float, float]:
+        return self.level, self.slope, self.switch
 
-    def observe(self, x: float, y: float, decay: float) -> None:
-        self.s0 = decay * self.s0 + 1.0
-        self.s1 = decay * self.s1 + x
-        self.s2 = decay * self.s2 + x * x
-        self.m0 = decay * self.m0 + y
-        self.m1 = decay * self.m1 + x * y
+    def observe(self, e: float, y: float, decay: float) -> None:
+        x = np.array([1.0, e, 1.0 if e > 0 else 0.0])
+        self.gram = decay * self.gram + np.outer(x, x)
+        self.moments = decay * self.moments + y * x
         self.weight = decay * self.weight + 1.0
-        a, b, d = self.s0 + self.level_weight, self.s1, self.s2 + self.slope_weight
-        det = a * d - b * b   # > 0: the ridge makes the matrix positive definite
-        self.level = (d * self.m0 - b * self.m1) / det
-        self.slope = (a * self.m1 - b * self.m0) / det
+        # positive definite: the ridge is
+        self.level, self.slope, self.switch = np.linalg.solve(
+            self.gram + self.ridge, self.moments).tolist()
 
 
 class CostModel:
@@ -127,14 +130,15 @@ class CostModel:
 
     def __init__(self, prior: CostPrior | None = None, *, decay: float = 0.95,
                  context_unit: int = 1024, level_weight: float = 0.5,
-                 slope_weight: float = 20.0, max_jump: float = 0.3):
+                 slope_weight: float = 20.0, switch_weight: float = 0.5,
+                 max_jump: float = 0.3):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must lie in [0, 1), got {decay}")
-        if min(level_weight, slope_weight) <= 0:
+        if min(level_weight, slope_weight, switch_weight) <= 0:
             raise ValueError("ridge weights must be > 0")
         self.prior = prior or CostPrior()
         self.decay, self.context_unit = decay, context_unit
-        self.level_weight, self.slope_weight = level_weight, slope_weight
+        self.ridge = (level_weight, slope_weight, switch_weight)
         self.max_jump = max_jump
         self._target: dict[tuple[int, int], _Correction] = {}
         self._draft: dict[int, float] = {}
@@ -148,10 +152,12 @@ class CostModel:
         correction = self._target.get(self._pair(batch_size, context_len))
         if correction is None:
             return 0.0 if np.ndim(num_tokens) == 0 else np.zeros(np.shape(num_tokens))
-        level, slope = correction.coefficients()
+        level, slope, switch = correction.coefficients()
         if np.ndim(num_tokens) == 0:
-            return level + slope * (float(num_tokens) - batch_size)
-        return level + slope * (np.asarray(num_tokens, dtype=float) - batch_size)
+            extra = float(num_tokens) - batch_size
+            return level + slope * extra + (switch if extra > 0 else 0.0)
+        extra = np.asarray(num_tokens, dtype=float) - batch_size
+        return level + slope * extra + switch * (extra > 0)
 
     def target_ms(self, num_tokens: np.ndarray | float, batch_size: int,
                   context_len: float) -> np.ndarray | float:
@@ -173,8 +179,7 @@ class CostModel:
         pair = self._pair(batch_size, context_len)
         correction = self._target.get(pair)
         if correction is None:
-            correction = self._target[pair] = _Correction(self.level_weight,
-                                                          self.slope_weight)
+            correction = self._target[pair] = _Correction(*self.ridge)
         elif correction.weight >= 1.0:
             current = float(self.target_ms(num_tokens, batch_size, context_len))
             ms = min(max(ms, current * (1 - self.max_jump)), current * (1 + self.max_jump))
