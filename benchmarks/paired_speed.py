@@ -12,7 +12,9 @@ greedy, ``--batch`` copies of each prompt of ``benchmarks/prompts/longctx-v2.jso
 (prefix-cached before timing). Methods as ``benchmarks.time_split`` names them,
 with ``:K`` for num_speculative_tokens (a bare LongSpec method leaves K to the
 plugin). At most two engines share a process (a third trips vLLM's kernel
-registration on CPU).
+registration on CPU, and so does ``ngram`` next to ``longspec``: "AttributeError:
+'_lib_fn_wrapper' object has no attribute 'get'" in vLLM's triton dispatcher;
+compare those with ``benchmarks.longctx_bench``).
 
 Prints and writes ``results.{json,md}``: per prompt the median wall time of a
 call for each method and the speed of the second relative to the first.
