@@ -1,16 +1,19 @@
-"""Equal-budget ablation of the draft's initialisation on self-distillation data.
+"""Equal-budget ablation of the draft's recipe on self-distillation data.
 
-    python -m benchmarks.train_ablation [--tokens 393216] [--arms finetune target-last random]
+    python -m benchmarks.train_ablation [--tokens 393216] [--arms finetune ...]
 
-Arms (same data, order, budget, lr schedule; only where the block starts):
+Arms (same data, order, budget, lr schedule; one change each):
 
-    finetune     init_from the shipped draft (vllm_longspec/drafts/smollm2-135m-instruct)
-    target-last  init_from_target_layer -1 (the target's last decoder layer)
-    random       the checkpoint format's random init
+    finetune      init_from the shipped draft (vllm_longspec/drafts/smollm2-135m-instruct)
+    target-last   init_from_target_layer -1 (the target's last decoder layer)
+    random        the checkpoint format's random init
+    finetune-all  as finetune, with a loss on every position (loss_on "all": the
+                  prompt's documents too, not only the target's answers)
 
 Data: a fixed snapshot of the target's own answers
 (~/.cache/vllm-longspec/data/distill-v2-snap400.jsonl: the first 400 records
-of distill-v2), loss on the answers only, 4096-token sequences, no AOI, loss
+of distill-v2), loss on the answers only unless the arm says otherwise,
+4096-token sequences, no AOI, loss
 over the shipped draft's 8192-token vocabulary. The target's features are
 computed once into a feature cache shared by the arms (``vllm-longspec
 features build``). Each arm is then scored by the fixed offline evaluation
@@ -40,10 +43,11 @@ DATA = CACHE / "data/distill-v2-snap400.jsonl"
 FEATURES = CACHE / "features/distill-v2-snap400-4096"
 EVAL = CACHE / "eval"
 RESULTS = Path("benchmarks/results/train_ablation")
-ARMS = {
+ARMS = {  # config keys; "stage": stage keys
     "finetune": {"init_from": SHIPPED},
     "target-last": {"init_from_target_layer": -1},
     "random": {},
+    "finetune-all": {"init_from": SHIPPED, "stage": {"loss_on": "all"}},
 }
 SEQ_LEN, BATCH_TOKENS, GRAD_ACCUM = 4096, 8192, 2
 EVAL_ARGS = ["--per-cell", "1", "--max-new-tokens", "128", "--num-threads", "1",
@@ -57,11 +61,12 @@ def arm_config(arm: str, tokens: int, lr: float) -> dict:
         "sources": [{"type": "jsonl", "paths": [str(DATA)]}],
         "seq_len": SEQ_LEN, "aoi": False, "lr": lr, "warmup_fraction": 0.1,
         "tokens": tokens, "batch_tokens": BATCH_TOKENS, "grad_accum": GRAD_ACCUM,
-        "features": str(FEATURES),
+        "features": str(FEATURES), **ARMS[arm].get("stage", {}),
     }
+    config = {key: value for key, value in ARMS[arm].items() if key != "stage"}
     return {"output_dir": str(CACHE / f"runs/ablate-{arm}"), "seed": 0,
             "draft_vocab": SHIPPED, "num_threads": 1, "checkpoint_every": 8,
-            "stages": [stage], **ARMS[arm]}
+            "stages": [stage], **config}
 
 
 def run(command: list[str], log: Path) -> None:
@@ -116,17 +121,17 @@ def eval_row(result: dict) -> dict:
 
 def markdown(rows: dict, tokens: int, lr: float, commands: list[str]) -> str:
     tasks = sorted(next(iter(rows.values()))["eval"]["by_task"])
-    lines = ["# Draft initialisation at an equal token budget", "",
+    lines = ["# Draft recipe at an equal token budget", "",
              f"Budget per arm: {tokens:,} training tokens ({SEQ_LEN}-token sequences, "
              f"{BATCH_TOKENS} tokens per step, lr {lr} warmup 10% + cosine), on the "
-             f"target's own answers (`{DATA.name}`, loss on answers only, over the "
+             f"target's own answers (`{DATA.name}`, loss on answers only unless the arm sets loss_on, over the "
              "shipped draft's 8192-token vocabulary); trained from a feature cache on "
              "one niced thread of the shared 2-core CPU.", "",
              "Evaluation: `vllm-longspec evaluate` (greedy chains, K=4, 128 new tokens, "
              "the first prompt of each task x bucket of the benchmark suite, 12 prompts "
              "at 1k/4k/7k; documents excluded from every training source). Accepted "
              "length = tokens per verification round, bonus included.", "",
-             "| arm | init | steps | train min | CE start -> end | top-1 end | "
+             "| arm | settings | steps | train min | CE start -> end | top-1 end | "
              "accepted length | pos 1 | pos 2 | pos 3 | pos 4 | "
              + " | ".join(tasks) + " |",
              "|---" * (11 + len(tasks)) + "|"]

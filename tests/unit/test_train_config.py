@@ -38,6 +38,7 @@ def test_json_and_yaml_give_the_same_config(tmp_path):
     ({"stages": [{**STAGE, "sources": [{"type": "csv", "paths": ["a"]}]}]}, "csv"),
     ({"stages": [STAGE, STAGE]}, "unique"),
     ({"stages": [STAGE], "device": "gpu"}, "device must be 'cpu' or 'cuda"),
+    ({"stages": [{**STAGE, "loss_on": "prompt"}]}, "loss_on must be one of source, all"),
 ])
 def test_bad_configs_name_the_problem(raw, message):
     with pytest.raises(TrainConfigError, match=message):

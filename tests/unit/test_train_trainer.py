@@ -205,3 +205,28 @@ def test_init_from_target_layer_is_validated(workspace):
         config_from_dict(_config(workspace, "bad", init_from_target_layer="last"))
     with pytest.raises(ValueError, match="has 2 decoder layers"):
         Trainer(config_from_dict(_config(workspace, "far", init_from_target_layer=2)))
+
+
+def test_loss_on_all_trains_on_the_prompts_of_distill_records(workspace, monkeypatch):
+    """A distill record's prompt is context by default; loss_on "all" puts a loss
+    on every position (the packed sequences are the same either way)."""
+    # token-id records need no tokenizer, and the tiny target has none
+    monkeypatch.setattr("vllm_longspec.train.data.needs_tokenizer", lambda sources: False)
+    rng = np.random.default_rng(1)
+    with (workspace / "distill.jsonl").open("w") as f:
+        for _ in range(40):
+            f.write(json.dumps({"prompt_token_ids": rng.integers(0, 256, 40).tolist(),
+                                "output_token_ids": rng.integers(0, 256, 8).tolist()})
+                    + "\n")
+    loss_tokens = {}
+    for loss_on in ("source", "all"):
+        stage = {"name": "d", "sources": [{"type": "jsonl",
+                                           "paths": [str(workspace / "distill.jsonl")]}],
+                 "seq_len": 48, "batch_tokens": 96, "grad_accum": 1, "steps": 1,
+                 "loss_on": loss_on}
+        Trainer(config_from_dict(_config(workspace, f"loss-on-{loss_on}",
+                                         stages=[stage]))).run()
+        metrics = (workspace / f"loss-on-{loss_on}" / "metrics.jsonl").read_text()
+        loss_tokens[loss_on] = json.loads(metrics.splitlines()[0])["loss_tokens"]
+    assert loss_tokens["all"] == 2 * 47  # two sequences, every position but the last
+    assert 0 < loss_tokens["source"] <= 2 * 9  # the 8 answer tokens of each record

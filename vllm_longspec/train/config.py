@@ -58,6 +58,9 @@ class SourceConfig:
         return [os.path.expanduser(p.replace("{stdlib}", stdlib)) for p in self.paths]
 
 
+LOSS_ON = ("source", "all")
+
+
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     """One training phase. Give exactly one of ``steps`` and ``tokens``.
@@ -77,6 +80,9 @@ class StageConfig:
     batch_tokens: int = 1024
     grad_accum: int = 1
     features: str | None = None  # a feature cache (features.py) to train from
+    # "source": the positions each source marks (a chat record's answers, all of a
+    # text); "all": every position (a chat record's prompt too)
+    loss_on: str = "source"
 
     def features_path(self) -> Path | None:
         return Path(os.path.expanduser(self.features)) if self.features else None
@@ -97,6 +103,10 @@ class StageConfig:
             )
         if not 0.0 <= self.warmup_fraction < 1.0:
             raise TrainConfigError(f"{where}: warmup_fraction must be in [0, 1).")
+        if self.loss_on not in LOSS_ON:
+            raise TrainConfigError(
+                f"{where}: loss_on must be one of {', '.join(LOSS_ON)}, not "
+                f"{self.loss_on!r}.")
 
     @property
     def num_steps(self) -> int:

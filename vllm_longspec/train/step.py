@@ -88,6 +88,12 @@ def make_micro_batch(
     return MicroBatch(input_ids, loss_mask, positions, noise_shift)
 
 
+def loss_mask_for(loss_on: str, source_mask: torch.Tensor) -> torch.Tensor:
+    """The stage's loss positions: the source's mask ("source": a chat record's
+    answers, every token of a text) or every position ("all")."""
+    return torch.ones_like(source_mask) if loss_on == "all" else source_mask
+
+
 def loss_tokens(loss_mask: torch.Tensor) -> int:
     """Positions that carry a loss: those whose NEXT token is masked in."""
     return int(loss_mask[:, 1:].sum())

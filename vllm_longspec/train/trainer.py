@@ -46,6 +46,7 @@ from vllm_longspec.train.step import (
     TargetFeatures,
     draw_noise_shift,
     live_features,
+    loss_mask_for,
     loss_tokens,
     make_micro_batch,
     micro_batch_loss,
@@ -199,13 +200,15 @@ class Trainer:
                 positions = cached.position_ids
                 if stage.aoi:
                     positions = pure_shift(positions, self.max_positions, generator)
-                micro_batch = MicroBatch(cached.input_ids, cached.loss_mask, positions,
+                micro_batch = MicroBatch(cached.input_ids,
+                                         loss_mask_for(stage.loss_on, cached.loss_mask), positions,
                                          draw_noise_shift(generator, noise_range))
                 batches.append((micro_batch.to(self.device),
                                 cached.features.to(self.device)))
             else:
+                input_ids, loss_mask = stream.next_batch(count)
                 micro_batch = make_micro_batch(
-                    *stream.next_batch(count), generator, stage.aoi,
+                    input_ids, loss_mask_for(stage.loss_on, loss_mask), generator, stage.aoi,
                     self.max_positions, config.aoi_max_anchors, noise_range)
                 batches.append((micro_batch.to(self.device), None))
         return batches
