@@ -36,7 +36,7 @@ def test_lookup_proposes_the_repeated_continuation_and_the_draft_the_rest():
     bonus = torch.tensor([3, 13])  # a's bonus completes "1 2 3"
     plan = chains.plan(batch, 2, bonus, None, np.array([True, True]))
     assert plan.sources == (LOOKUP, DRAFT)
-    assert plan.lookup_tokens[0] == (4, 5, 6, 7)
+    assert plan.lookup_tokens[0] == (4, 5, 6, 7) and plan.lookup_match == (3, 0)
     assert plan.num_tokens == (4, 4) and plan.draft_steps == 4
 
     drafts = torch.tensor([[40, 41, 42, 43], [20, 21, 22, 23]])
@@ -47,6 +47,20 @@ def test_lookup_proposes_the_repeated_continuation_and_the_draft_the_rest():
     assert torch.equal(composed[0], torch.nn.functional.one_hot(
         torch.tensor([4, 5, 6, 7]), VOCAB).float())
     assert torch.equal(composed[1], probs[1])
+
+
+def test_a_lookup_proposal_is_learnt_in_its_match_length_class():
+    chains = AdaptiveChains(4, lookup=True, adaptive=True)
+    repeated = [1, 2, 3, 4, 5, 6, 7, 8, 9, 1, 2, 3]
+    batch = _batch({"a": repeated[:-1]})
+    plan = chains.plan(batch, 1, torch.tensor([3]), None, np.array([True]))
+    assert plan.sources == (LOOKUP,) and plan.lookup_match == (3,)
+    before = {m: chains.policy.rates("a", LOOKUP, m) for m in (1, 3)}
+    chains.compose(plan, torch.zeros(1, plan.draft_steps, dtype=torch.long), None, 0.0)
+    chains.plan(batch, 1, torch.tensor([0]), torch.tensor([plan.num_tokens[0]]),
+                np.array([True]))   # every proposed token rejected
+    assert chains.policy.rates("a", LOOKUP, 3)[0] < before[3][0]
+    assert np.array_equal(chains.policy.rates("a", LOOKUP, 1), before[1])
 
 
 def test_history_includes_the_accepted_drafts_and_the_bonus():

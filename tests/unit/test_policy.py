@@ -11,10 +11,13 @@ from vllm_longspec.speculation.cost import CostModel, CostPrior
 from vllm_longspec.speculation.policy import (
     DRAFT,
     LOOKUP,
+    LOOKUP_MATCH_CLASSES,
     Acceptance,
     PolicyConfig,
     Request,
     SpeculationPolicy,
+    acceptance_key,
+    lookup_match_class,
     static_schedule,
 )
 
@@ -25,7 +28,8 @@ EXPENSIVE = CostPrior(fixed_ms=40.0, per_token_ms=5.0, draft_fixed_ms=3.25)
 
 def fixed_rates(acceptance: float, **kwargs) -> PolicyConfig:
     """Acceptance pinned at the prior (its weight swamps any observation)."""
-    return PolicyConfig(draft_prior=acceptance, lookup_prior=acceptance,
+    return PolicyConfig(draft_prior=acceptance,
+                        lookup_priors=((acceptance,) * 2,) * len(LOOKUP_MATCH_CLASSES),
                         population_prior_weight=1e12, prior_weight=1e12, **kwargs)
 
 
@@ -62,8 +66,8 @@ def test_the_best_plan_is_the_best_of_every_assignment(seed):
             proposed = int(rng.integers(1, k_max + 1))
             accepted = proposed if rng.random() < 0.5 else int(rng.integers(0, proposed))
             policy.observe(request.request_id, source, proposed, accepted)
-    gains = np.cumprod(policy._rates([r.request_id for r in batch_requests], sources),
-                       axis=1)
+    keys = [acceptance_key(source, 0) for source in sources]
+    gains = np.cumprod(policy._rates([r.request_id for r in batch_requests], keys), axis=1)
     limits = [min(n, k_max) if n else k_max for n in lookup]
     gains[np.arange(k_max) >= np.array(limits)[:, None]] = 0.0
     is_lookup = np.array([n > 0 for n in lookup])
@@ -193,6 +197,35 @@ def test_empty_statistics_and_empty_batches_are_finite():
         policy.observe("r0", DRAFT, proposed=2, accepted=3)
     with pytest.raises(ValueError):
         PolicyConfig(prior_weight=0.0)
+    with pytest.raises(ValueError, match="one value per match class"):
+        PolicyConfig(lookup_priors=((0.5, 0.5),))
+
+
+def test_match_lengths_fall_into_their_classes():
+    assert [lookup_match_class(m) for m in (0, 1, 2, 3, 4, 7, 8, 40)] == \
+        [0, 1, 2, 3, 4, 4, 5, 5]
+    assert LOOKUP_MATCH_CLASSES[lookup_match_class(6)] == 4
+
+
+def test_long_matches_accepted_elsewhere_do_not_vouch_for_a_short_one():
+    """Code prompts teach the population that 8-token matches are accepted;
+    a new request's 1-token match is still priced at its own class's rate, and
+    where an extra token costs 30 ms on a 70 ms step (break-even acceptance
+    0.43) it is not worth verifying (pooled, it was: 0.89)."""
+    policy = SpeculationPolicy(cost=CostModel(CostPrior(fixed_ms=40.0, per_token_ms=30.0,
+                                                        draft_fixed_ms=3.25)))
+    for i in range(200):
+        policy.observe(f"code{i % 8}", LOOKUP, 4, 4, match_len=8)
+    assert policy.rates("qa", LOOKUP, match_len=8)[0] > 0.9
+    short = policy.rates("qa", LOOKUP, match_len=1)
+    assert np.allclose(short, [0.25, 0.75, 0.75, 0.75])  # LOOKUP_PRIORS[1]
+    assert policy.plan([Request("qa", 4096, 4, lookup_match=1)]).num_tokens == (0,)
+    assert policy.plan([Request("code0", 4096, 4, lookup_match=8)]).num_tokens == (4,)
+    # a request's own evidence counts in its class only
+    for _ in range(6):
+        policy.observe("qa", LOOKUP, 4, 0, match_len=2)
+    assert policy.rates("qa", LOOKUP, match_len=2)[0] < 0.2
+    assert np.allclose(policy.rates("qa", LOOKUP, match_len=1), short)
 
 
 def test_acceptance_counts_follow_the_first_rejection():

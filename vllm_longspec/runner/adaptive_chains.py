@@ -30,9 +30,9 @@ draft probabilities, so the output distribution is unchanged).
 
 ``VLLM_LONGSPEC_POLICY_TRACE=/tmp/policy.jsonl`` (profiling) appends one JSON
 line per step the policy planned: the batch, mean context, each decoding
-row's K, source and lookup length, the draft steps, the plan's expected tokens
-and ms, plain decoding's predicted ms, whether it was a probe, and the
-measured ms of the previous step's verification with its predicted ms
+row's K, source, lookup length and match length, the draft steps, the plan's
+expected tokens and ms, plain decoding's predicted ms, whether it was a probe,
+and the measured ms of the previous step's verification with its predicted ms
 (``summarise_trace`` turns a file into counts per K and source).
 """
 
@@ -69,12 +69,14 @@ class ChainPlan:
     sources: tuple[str, ...]             # DRAFT or LOOKUP per row
     lookup_tokens: tuple[tuple[int, ...], ...]  # the lookup's tokens per row (maybe ())
     draft_steps: int                     # D: the draft's chain length this step
+    lookup_match: tuple[int, ...] = ()   # the lookup's match length per row (0: none)
 
 
 @dataclass
 class _Proposed:
     source: str
     tokens: tuple[int, ...]
+    match_len: int = 0   # the lookup match a LOOKUP proposal followed
 
 
 @dataclass(frozen=True)
@@ -132,15 +134,16 @@ class AdaptiveChains:
                 accepted = proposed.tokens[:max(0, len(proposed.tokens) - rejected[row])]
                 if self.policy is not None:
                     self.policy.observe(req_id, proposed.source, len(proposed.tokens),
-                                        len(accepted))
-            tokens = ()
+                                        len(accepted), proposed.match_len)
+            tokens, match_len = (), 0
             if self.lookup is not None:
                 self.lookup.sync(req_id, input_batch.token_ids_cpu[row, :num_committed],
                                  accepted + (bonus[row],))
                 proposal = self.lookup.propose(req_id, self.k_max)
                 if self.rule.use_lookup(proposal):
-                    tokens = tuple(proposal.tokens.tolist())
-            requests.append(Request(req_id, num_committed + len(accepted) + 1, len(tokens)))
+                    tokens, match_len = tuple(proposal.tokens.tolist()), proposal.match_len
+            requests.append(Request(req_id, num_committed + len(accepted) + 1, len(tokens),
+                                    match_len))
             lookup_tokens.append(tokens)
         self._forget_finished(req_ids)
         contexts = [r.context_len for r, d in zip(requests, decoding, strict=True) if d]
@@ -158,7 +161,8 @@ class AdaptiveChains:
                 self._write_trace(step, requests, decoding)
         draft_steps = max((k for k, s in zip(num_tokens, sources, strict=True)
                            if s == DRAFT), default=0)
-        return ChainPlan(req_ids, num_tokens, sources, tuple(lookup_tokens), draft_steps)
+        return ChainPlan(req_ids, num_tokens, sources, tuple(lookup_tokens), draft_steps,
+                         tuple(r.lookup_match for r in requests))
 
     # ---- after drafting ------------------------------------------------------
 
@@ -173,7 +177,8 @@ class AdaptiveChains:
         for row, (k, source) in enumerate(zip(plan.num_tokens, plan.sources, strict=True)):
             tokens = (plan.lookup_tokens[row] if source == LOOKUP else drafts[row])[:k]
             proposals.append(list(tokens))
-            self._proposed[plan.req_ids[row]] = _Proposed(source, tuple(tokens))
+            self._proposed[plan.req_ids[row]] = _Proposed(
+                source, tuple(tokens), plan.lookup_match[row] if plan.lookup_match else 0)
         self._record_step(plan, drafting_ms)
         if draft_probs is None or not any(plan.num_tokens):
             return proposals, None
@@ -223,6 +228,7 @@ class AdaptiveChains:
                 "context": round(self._mean_context),
                 "k": list(step.num_tokens), "sources": [s[0] for s in step.sources],
                 "lookup": [r.lookup_tokens for r in rows],
+                "match": [r.lookup_match for r in rows],
                 "draft_steps": step.draft_steps,
                 "expected_tokens": round(step.expected_tokens, 3),
                 "expected_ms": round(step.expected_ms, 2),

@@ -9,9 +9,18 @@ forward per chain position, shared by the batch).
 request, source and chain position, from exponentially decayed counts
 (``decay`` per observation). A request's estimate is shrunk towards the
 population's rate for that source and position, and the population's towards
-``draft_prior`` / ``lookup_prior``, each with a weight in pseudo-observations:
+``draft_prior`` / ``lookup_priors``, each with a weight in pseudo-observations:
 
     rate = (accepted + w * parent) / (tried + w),   w > 0: never 0 / 0
+
+Lookup statistics are kept per match-length class (``LOOKUP_MATCH_CLASSES``:
+1, 2, 3, 4-7, >= 8 matched tokens), because how long the match is says more
+about a proposal than which request made it: on the target's own answers a
+1-token match's first token is accepted 3 times in 10, an 8-token match's 9 in
+10 (``benchmarks/results/lookup_priors.md``, which the default priors come
+from). A population pooled over classes carried one prompt's matches into the
+next: after code prompts (long, reliable matches), document QA requests kept
+verifying short matches that lost.
 
 Proposing K tokens then emits in expectation E_r(K) = 1 + sum_{i<=K} g_r(i)
 tokens, with gains g_r(i) = a_r(1) ... a_r(i), non-increasing in i.
@@ -66,6 +75,7 @@ empty draft per request (vLLM's ``ngram`` proposer returns them).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -74,7 +84,22 @@ import numpy as np
 from vllm_longspec.speculation.cost import CostModel
 
 DRAFT, LOOKUP = "draft", "lookup"
-SOURCES = (DRAFT, LOOKUP)
+# Lower bounds of the lookup's match-length classes; class 0: length not given.
+LOOKUP_MATCH_CLASSES = (0, 1, 2, 3, 4, 8)
+# Per class, the acceptance of chain position 1 and of the later positions on the
+# target's own answers (benchmarks/results/lookup_priors.md); class 0: neutral.
+LOOKUP_PRIORS = ((0.5, 0.5), (0.25, 0.75), (0.5, 0.8), (0.57, 0.8), (0.81, 0.89),
+                 (0.97, 0.97))
+
+
+def lookup_match_class(match_len: int) -> int:
+    """The class (index into LOOKUP_MATCH_CLASSES) of a lookup match's length."""
+    return bisect.bisect_right(LOOKUP_MATCH_CLASSES, max(0, match_len)) - 1
+
+
+def acceptance_key(source: str, match_len: int) -> tuple[str, int]:
+    """Whose statistics a proposal counts in: the draft's, or its lookup class's."""
+    return (LOOKUP, lookup_match_class(match_len)) if source == LOOKUP else (DRAFT, 0)
 
 
 @dataclass(frozen=True)
@@ -83,7 +108,8 @@ class PolicyConfig:
     decay: float = 0.9              # per observation, a request's counts
     population_decay: float = 0.99  # per observation, the population's counts
     draft_prior: float = 0.5        # acceptance assumed before any observation
-    lookup_prior: float = 0.5
+    # per LOOKUP_MATCH_CLASSES: (position 1, later positions)
+    lookup_priors: tuple[tuple[float, float], ...] = LOOKUP_PRIORS
     prior_weight: float = 4.0       # population rate's weight in a request's rate
     population_prior_weight: float = 8.0
     enter_margin: float = 0.05      # speculate when it beats plain decoding by this
@@ -100,6 +126,9 @@ class PolicyConfig:
             raise ValueError("decays must lie in (0, 1]")
         if not 1 <= self.probe_interval <= self.max_probe_interval:
             raise ValueError("need 1 <= probe_interval <= max_probe_interval")
+        if len(self.lookup_priors) != len(LOOKUP_MATCH_CLASSES):
+            raise ValueError(f"lookup_priors needs one value per match class "
+                             f"{LOOKUP_MATCH_CLASSES}, got {self.lookup_priors}")
 
 
 @dataclass(frozen=True)
@@ -107,6 +136,7 @@ class Request:
     request_id: Hashable
     context_len: int
     lookup_tokens: int = 0   # > 0: the lookup proposes this many tokens; 0: the draft
+    lookup_match: int = 0    # the lookup's match length (0: not given)
 
 
 @dataclass(frozen=True)
@@ -144,7 +174,7 @@ class Acceptance:
 
 @dataclass
 class _RequestState:
-    acceptance: dict[str, Acceptance]
+    acceptance: dict[tuple[str, int], Acceptance]  # by _key, made when first observed
     zero_streak: int = 0
     probe_interval: int = 1
 
@@ -166,9 +196,10 @@ class SpeculationPolicy:
         self.config = config or PolicyConfig()
         self.cost = cost or CostModel()
         k = self.config.k_max
-        self._population = {s: Acceptance(k) for s in SOURCES}
-        self._priors = {DRAFT: np.full(k, self.config.draft_prior),
-                        LOOKUP: np.full(k, self.config.lookup_prior)}
+        self._priors = {(DRAFT, 0): np.full(k, self.config.draft_prior)} | {
+            (LOOKUP, c): np.array([first] + [later] * (k - 1))
+            for c, (first, later) in enumerate(self.config.lookup_priors)}
+        self._population = {key: Acceptance(k) for key in self._priors}
         self._requests: dict[Hashable, _RequestState] = {}
         self._speculating = False
         self._plain_streak = 0
@@ -180,40 +211,43 @@ class SpeculationPolicy:
         state = self._requests.get(request_id)
         if state is None:
             state = self._requests[request_id] = _RequestState(
-                {s: Acceptance(self.config.k_max) for s in SOURCES},
-                probe_interval=self.config.probe_interval)
+                {}, probe_interval=self.config.probe_interval)
         return state
 
-    def rates(self, request_id: Hashable, source: str) -> np.ndarray:
-        """[K_max] a_r(i) for one request and source."""
-        return self._rates([request_id], [source])[0]
+    def rates(self, request_id: Hashable, source: str, match_len: int = 0) -> np.ndarray:
+        """[K_max] a_r(i) for one request and source (lookup: of that match length)."""
+        return self._rates([request_id], [acceptance_key(source, match_len)])[0]
 
-    def _rates(self, request_ids: Sequence[Hashable], sources: Sequence[str]) -> np.ndarray:
+    def _rates(self, request_ids: Sequence[Hashable],
+               keys: Sequence[tuple[str, int]]) -> np.ndarray:
         """[batch, K_max] a_r(i), each request's counts shrunk to the population's."""
-        population = {s: self._population[s].rates(
-            self._priors[s], self.config.population_prior_weight) for s in SOURCES}
+        population = {key: self._population[key].rates(
+            self._priors[key], self.config.population_prior_weight) for key in set(keys)}
         k = self.config.k_max
-        tried, accepted, parent = (np.zeros((len(sources), k)) for _ in range(3))
-        for row, (request_id, source) in enumerate(zip(request_ids, sources, strict=True)):
-            parent[row] = population[source]
+        tried, accepted, parent = (np.zeros((len(keys), k)) for _ in range(3))
+        for row, (request_id, key) in enumerate(zip(request_ids, keys, strict=True)):
+            parent[row] = population[key]
             state = self._requests.get(request_id)
-            if state is not None:
-                tried[row] = state.acceptance[source].tried
-                accepted[row] = state.acceptance[source].accepted
+            counts = state.acceptance.get(key) if state is not None else None
+            if counts is not None:
+                tried[row], accepted[row] = counts.tried, counts.accepted
         weight = self.config.prior_weight
         return (accepted + weight * parent) / (tried + weight)
 
     def observe(self, request_id: Hashable, source: str, proposed: int,
-                accepted: int) -> None:
-        """A verified proposal: ``accepted`` of its first ``proposed`` tokens."""
+                accepted: int, match_len: int = 0) -> None:
+        """A verified proposal: ``accepted`` of its first ``proposed`` tokens
+        (``match_len``: the lookup match it came from)."""
         if proposed <= 0:
             return
         if not 0 <= accepted <= proposed <= self.config.k_max:
             raise ValueError(f"need 0 <= accepted ({accepted}) <= proposed ({proposed}) "
                              f"<= k_max ({self.config.k_max})")
-        self._state(request_id).acceptance[source].observe(proposed, accepted,
-                                                           self.config.decay)
-        self._population[source].observe(proposed, accepted, self.config.population_decay)
+        key = acceptance_key(source, match_len)
+        counts = self._state(request_id).acceptance.setdefault(
+            key, Acceptance(self.config.k_max))
+        counts.observe(proposed, accepted, self.config.decay)
+        self._population[key].observe(proposed, accepted, self.config.population_decay)
 
     def observe_step(self, num_tokens: int, batch_size: int, context_len: float,
                      target_ms: float, draft_batch_size: int = 0,
@@ -240,7 +274,8 @@ class SpeculationPolicy:
         limits = np.where(is_lookup, np.minimum([r.lookup_tokens for r in requests], k_max),
                           k_max)
         # [batch, K_max] gains g_r(i) = a_r(1) ... a_r(i); 0 past a request's limit
-        gains = np.cumprod(self._rates([r.request_id for r in requests], sources), axis=1)
+        keys = [acceptance_key(s, r.lookup_match) for s, r in zip(sources, requests, strict=True)]
+        gains = np.cumprod(self._rates([r.request_id for r in requests], keys), axis=1)
         gains[np.arange(k_max) >= limits[:, None]] = 0.0
         drafting = sources.count(DRAFT)
         plain_ms = float(self.cost.target_ms(batch, batch, context))
