@@ -16,6 +16,7 @@ from vllm_longspec.train.features import (
     CachedStream,
     FeatureCache,
     FeatureCacheError,
+    FeatureSpec,
     pure_shift,
 )
 from vllm_longspec.train.features_build import build_features
@@ -265,3 +266,16 @@ def test_features_cli_builds_and_reports(workspace, tmp_path, capsys):
     assert "1 of 1 sequences" in capsys.readouterr().out
     assert "top_k_logits" not in load_file(out / "shard-00000.safetensors")
     assert main(["features", "build", "--config", str(config_file), "--stage", "x"]) == 2
+
+
+def test_a_source_under_home_is_one_spec_written_either_way(tmp_path, monkeypatch):
+    """A cache built from "/home/u/d.jsonl" serves a config that says "~/d.jsonl"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    specs = []
+    for path in ("~/d.jsonl", str(tmp_path / "d.jsonl")):
+        config = config_from_dict({"stages": [{
+            "name": "s", "sources": [{"type": "jsonl", "paths": [path]}], "steps": 1}]})
+        specs.append(FeatureSpec.for_stage(config, 0, tmp_path / "target",
+                                           {"max_position_embeddings": 2048}))
+    assert specs[0] == specs[1]
+    assert specs[0].sources[0]["paths"] == [str(tmp_path / "d.jsonl")]

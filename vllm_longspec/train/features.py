@@ -118,7 +118,10 @@ class FeatureSpec:
             target_config_sha=hashlib.sha256(canonical).hexdigest(),
             target_dtype=config.target_dtype, stage=stage.name, stage_index=stage_index,
             seed=config.seed,
-            sources=json.loads(json.dumps([dataclasses.asdict(s) for s in stage.sources])),
+            # paths as expanded ("~/x" and "/home/u/x" are the same source)
+            sources=json.loads(json.dumps([{**dataclasses.asdict(s),
+                                            "paths": s.expanded_paths()}
+                                           for s in stage.sources])),
             seq_len=stage.seq_len, aoi=stage.aoi, aoi_max_anchors=config.aoi_max_anchors,
             max_positions=target_config["max_position_embeddings"], top_k=top_k,
             num_sequences=num_sequences, shard_sequences=shard_sequences,

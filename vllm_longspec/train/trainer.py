@@ -103,7 +103,7 @@ def _optimizer(draft: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW
 class Trainer:
     def __init__(self, config: TrainConfig, resume: bool = False):
         self.config = config
-        self.output_dir = Path(config.output_dir)
+        self.output_dir = Path(config.output_dir).expanduser()
         existing = checkpoint_path(self.output_dir)
         if existing.is_file() and not resume:
             raise FileExistsError(

@@ -24,7 +24,7 @@ CHECKPOINT_NAME = "checkpoint-last.pt"
 
 
 def checkpoint_path(output_dir: str | Path) -> Path:
-    return Path(output_dir) / CHECKPOINT_NAME
+    return Path(output_dir).expanduser() / CHECKPOINT_NAME
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
