@@ -9,6 +9,8 @@ Arms (same data, order, budget, lr schedule; one change each):
     random        the checkpoint format's random init
     finetune-all  as finetune, with a loss on every position (loss_on "all": the
                   prompt's documents too, not only the target's answers)
+    finetune-all-kl  as finetune-all, the loss KL(target || draft) on the target's
+                  top-32 logits instead of cross-entropy on the next token
 
 Data: a fixed snapshot of the target's own answers
 (~/.cache/vllm-longspec/data/distill-v2-snap400.jsonl: the first 400 records
@@ -16,7 +18,7 @@ of distill-v2), loss on the answers only unless the arm says otherwise,
 4096-token sequences, no AOI, loss
 over the shipped draft's 8192-token vocabulary. The target's features are
 computed once into a feature cache shared by the arms (``vllm-longspec
-features build``). Each arm is then scored by the fixed offline evaluation
+features build``; the KL arm's cache also holds the target's top-32 logits). Each arm is then scored by the fixed offline evaluation
 (``vllm-longspec evaluate``, K=4, greedy, 128 new tokens, the first prompt of
 every task x bucket of benchmarks/prompts/longctx-v1.jsonl: documents no
 training source reads), the shipped draft first as the baseline.
@@ -48,11 +50,20 @@ ARMS = {  # config keys; "stage": stage keys
     "target-last": {"init_from_target_layer": -1},
     "random": {},
     "finetune-all": {"init_from": SHIPPED, "stage": {"loss_on": "all"}},
+    "finetune-all-kl": {"init_from": SHIPPED, "distill_weight": 1.0, "distill_top_k": 32,
+                        "stage": {"loss_on": "all"}},
 }
 SEQ_LEN, BATCH_TOKENS, GRAD_ACCUM = 4096, 8192, 2
 EVAL_ARGS = ["--per-cell", "1", "--max-new-tokens", "128", "--num-threads", "1",
              "--continuations", str(EVAL / "continuations-pc1-128.json"),
              "--target-cache", str(EVAL / "target-pc1-128")]
+
+
+def features_dir(arm: str) -> Path:
+    """The arm's feature cache: the shared one, or one with the target's top-k
+    logits for a distilling arm (the same sequences either way)."""
+    top_k = ARMS[arm].get("distill_top_k") or 0
+    return FEATURES.with_name(f"{FEATURES.name}-top{top_k}") if top_k else FEATURES
 
 
 def arm_config(arm: str, tokens: int, lr: float) -> dict:
@@ -61,7 +72,7 @@ def arm_config(arm: str, tokens: int, lr: float) -> dict:
         "sources": [{"type": "jsonl", "paths": [str(DATA)]}],
         "seq_len": SEQ_LEN, "aoi": False, "lr": lr, "warmup_fraction": 0.1,
         "tokens": tokens, "batch_tokens": BATCH_TOKENS, "grad_accum": GRAD_ACCUM,
-        "features": str(FEATURES), **ARMS[arm].get("stage", {}),
+        "features": str(features_dir(arm)), **ARMS[arm].get("stage", {}),
     }
     config = {key: value for key, value in ARMS[arm].items() if key != "stage"}
     return {"output_dir": str(CACHE / f"runs/ablate-{arm}"), "seed": 0,
@@ -92,11 +103,31 @@ def evaluate(name: str, draft: str) -> dict:
     return evaluate_draft(f"ablate-{name}", draft)
 
 
-def train(arm: str, tokens: int, lr: float) -> dict:
+def write_config(arm: str, tokens: int, lr: float) -> Path:
     directory = CACHE / f"runs/ablate-{arm}"
     directory.mkdir(parents=True, exist_ok=True)
     config_file = directory / "config.json"
     config_file.write_text(json.dumps(arm_config(arm, tokens, lr), indent=1) + "\n")
+    return config_file
+
+
+def build_features(arm: str, tokens: int, lr: float) -> None:
+    """The arm's feature cache, unless a finished one is there."""
+    directory = features_dir(arm)
+    if (directory / "built").exists():
+        return
+    started = time.time()
+    run([sys.executable, "-m", "vllm_longspec.cli", "features", "build",
+         "--config", str(write_config(arm, tokens, lr)), "--stage", "distill-snap400",
+         "--sequences", str(tokens // SEQ_LEN),
+         "--top-k", str(ARMS[arm].get("distill_top_k") or 0), "--num-threads", "1",
+         "--out", str(directory)], directory.with_suffix(".log"))
+    (directory / "built").write_text(f"{time.time() - started:.0f} s\n")
+
+
+def train(arm: str, tokens: int, lr: float) -> dict:
+    directory = CACHE / f"runs/ablate-{arm}"
+    config_file = write_config(arm, tokens, lr)
     if not (directory / "draft/model.safetensors").exists():
         resume = ["--resume"] if (directory / "checkpoint-last.pt").exists() else []
         run([sys.executable, "-m", "vllm_longspec.cli", "train", "--config",
@@ -164,19 +195,8 @@ def main() -> int:
 
     rows = {"shipped": {"init": "(the shipped draft, not retrained)",
                         "eval": eval_row(evaluate("shipped", SHIPPED))}}
-    first = CACHE / f"runs/ablate-{args.arms[0]}"
-    first.mkdir(parents=True, exist_ok=True)
-    (first / "config.json").write_text(
-        json.dumps(arm_config(args.arms[0], args.tokens, args.lr), indent=1) + "\n")
-    sequences = args.tokens // SEQ_LEN
-    if not (FEATURES / "built").exists():  # a finished build is not redone
-        started = time.time()
-        run([sys.executable, "-m", "vllm_longspec.cli", "features", "build",
-             "--config", str(first / "config.json"), "--stage", "distill-snap400",
-             "--sequences", str(sequences), "--top-k", "0", "--num-threads", "1"],
-            CACHE / "features/distill-v2-snap400-4096.log")
-        (FEATURES / "built").write_text(f"{time.time() - started:.0f} s\n")
     for arm in args.arms:
+        build_features(arm, args.tokens, args.lr)
         summary = train(arm, args.tokens, args.lr)
         draft = str(CACHE / f"runs/ablate-{arm}/draft")
         rows[arm] = {"init": json.dumps(ARMS[arm]) if ARMS[arm] else "random",
