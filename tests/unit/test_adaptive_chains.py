@@ -122,6 +122,7 @@ def test_the_policy_trace_records_each_plan_and_the_measured_step(tmp_path, monk
     assert first["batch"] == 1 and first["sources"] == ["l"] and first["lookup"] == [4]
     assert first["last"] is None   # nothing measured before the first step
     assert second["last"]["verified"] == 1 + first["k"][0]
+    assert first["accepted"] == [0] and second["accepted"] == [0]  # all rejected
     assert second["last"]["predicted_ms"] == first["expected_ms"]
     summary = summarise_trace(str(trace))
     assert summary["steps"] == 3 and sum(summary["k_by_source"].values()) == 3

@@ -33,6 +33,7 @@ line per step the policy planned: the batch, mean context, each decoding
 row's K, source, lookup length and match length, the draft steps, the plan's
 expected tokens and ms, plain decoding's predicted ms, whether it was a probe,
 and the measured ms of the previous step's verification with its predicted ms
+and how many of each row's proposed tokens it accepted
 (``summarise_trace`` turns a file into counts per K and source).
 """
 
@@ -108,6 +109,7 @@ class AdaptiveChains:
         trace = os.environ.get(TRACE_ENV_VAR)
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
         self._measured: dict | None = None   # the last step's timing, for the trace
+        self._accepted: list[int] = []
 
     # ---- before drafting -----------------------------------------------------
 
@@ -122,6 +124,7 @@ class AdaptiveChains:
         bonus = next_token_ids[:num_reqs].tolist()
         self._observe_step_time(now, req_ids, decoding)
         requests, lookup_tokens = [], []
+        self._accepted = []   # per decoding row: the last proposal's accepted tokens
         for row, req_id in enumerate(req_ids):
             proposed = self._proposed.pop(req_id, None)
             if not decoding[row]:
@@ -135,6 +138,7 @@ class AdaptiveChains:
                 if self.policy is not None:
                     self.policy.observe(req_id, proposed.source, len(proposed.tokens),
                                         len(accepted), proposed.match_len)
+            self._accepted.append(len(accepted))
             tokens, match_len = (), 0
             if self.lookup is not None:
                 self.lookup.sync(req_id, input_batch.token_ids_cpu[row, :num_committed],
@@ -233,7 +237,7 @@ class AdaptiveChains:
                 "expected_tokens": round(step.expected_tokens, 3),
                 "expected_ms": round(step.expected_ms, 2),
                 "plain_ms": round(step.plain_ms, 2), "probe": step.probe,
-                "last": self._measured}
+                "last": self._measured, "accepted": self._accepted}
         self._measured = None
         self._trace.write(json.dumps(line) + "\n")
 
