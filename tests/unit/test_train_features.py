@@ -183,6 +183,22 @@ def test_build_resumes_at_the_next_unwritten_shard(workspace, cache_dir, tmp_pat
         build_features(config, "s", num_sequences=6, top_k=4, shard_sequences=4)
 
 
+def test_a_larger_count_extends_a_cache_with_the_same_stream(workspace, cache_dir,
+                                                             tmp_path):
+    out = tmp_path / "cache"
+    config = _config(workspace, str(out))
+    build_features(config, "s", num_sequences=3, top_k=16, shard_sequences=4, batch_size=3)
+    extended = build_features(config, "s", num_sequences=6, top_k=16, shard_sequences=4,
+                              batch_size=3)
+    assert [s["sequences"] for s in extended.shards] == [3, 3] and extended.complete
+    grown, straight = FeatureCache(out), FeatureCache(cache_dir)
+    assert len(grown) == len(straight) == 6
+    for name, tensor in straight.sequences(list(range(6))).items():
+        assert torch.equal(grown.sequences(list(range(6)))[name], tensor), name
+    with pytest.raises(FeatureCacheError, match="num_sequences"):
+        build_features(config, "s", num_sequences=4, top_k=16, shard_sequences=4)
+
+
 def test_cache_holds_the_stage_stream_and_its_features(workspace, cache_dir):
     cache = FeatureCache(cache_dir)
     stored = cache.sequences(list(range(6)))

@@ -9,7 +9,8 @@ reads live) goes through the target once, ``--batch-size`` sequences per
 forward, at each sequence's fixed AOI positions; every ``--shard-sequences``
 sequences become one shard (features.py). Interrupted? Run the same command
 again: it checks the spec, drops a half-written shard, and continues at the
-next unwritten one with the data stream where that shard left it.
+next unwritten one with the data stream where that shard left it. A larger
+``--sequences`` on a finished cache extends it: the same stream, read on.
 """
 
 from __future__ import annotations
@@ -53,8 +54,14 @@ def stage_index_of(config: TrainConfig, name: str) -> int:
 def _open_index(out: Path, spec: FeatureSpec) -> FeatureIndex:
     if (out / "index.json").is_file():
         index = FeatureIndex.read(out)
-        if index.spec != spec:
-            changed = [k for k, v in vars(spec).items() if getattr(index.spec, k) != v]
+        changed = [k for k, v in vars(spec).items() if getattr(index.spec, k) != v]
+        if changed == ["num_sequences"] and spec.num_sequences > index.spec.num_sequences:
+            # more of the same stream: the shards so far stay, the build goes on
+            log.info("extending %s from %d to %d sequences", out,
+                     index.spec.num_sequences, spec.num_sequences)
+            index.spec = spec
+            index.write()
+        elif changed:
             raise FeatureCacheError(
                 f"{out} holds a feature cache built with other settings "
                 f"({', '.join(changed)}): choose another --out, or delete it.")
