@@ -18,7 +18,8 @@ of distill-v2), loss on the answers only unless the arm says otherwise,
 4096-token sequences, no AOI, loss
 over the shipped draft's 8192-token vocabulary. The target's features are
 computed once into a feature cache shared by the arms (``vllm-longspec
-features build``; the KL arm's cache also holds the target's top-32 logits). Each arm is then scored by the fixed offline evaluation
+features build``; the KL arm's cache also holds the target's top-32
+logits). Each arm is then scored by the fixed offline evaluation
 (``vllm-longspec evaluate``, K=4, greedy, 128 new tokens, the first prompt of
 every task x bucket of benchmarks/prompts/longctx-v1.jsonl: documents no
 training source reads), the shipped draft first as the baseline.
@@ -155,7 +156,8 @@ def markdown(rows: dict, tokens: int, lr: float, commands: list[str]) -> str:
     lines = ["# Draft recipe at an equal token budget", "",
              f"Budget per arm: {tokens:,} training tokens ({SEQ_LEN}-token sequences, "
              f"{BATCH_TOKENS} tokens per step, lr {lr} warmup 10% + cosine), on the "
-             f"target's own answers (`{DATA.name}`, loss on answers only unless the arm sets loss_on, over the "
+             f"target's own answers (`{DATA.name}`, loss on answers only unless the "
+             "arm sets loss_on, over the "
              "shipped draft's 8192-token vocabulary); trained from a feature cache on "
              "one niced thread of the shared 2-core CPU.", "",
              "Evaluation: `vllm-longspec evaluate` (greedy chains, K=4, 128 new tokens, "

@@ -70,7 +70,7 @@ class ChainPlan:
     sources: tuple[str, ...]             # DRAFT or LOOKUP per row
     lookup_tokens: tuple[tuple[int, ...], ...]  # the lookup's tokens per row (maybe ())
     draft_steps: int                     # D: the draft's chain length this step
-    lookup_match: tuple[int, ...] = ()   # the lookup's match length per row (0: none)
+    lookup_match: tuple[int, ...]        # the lookup's match length per row (0: none)
 
 
 @dataclass
@@ -109,7 +109,7 @@ class AdaptiveChains:
         trace = os.environ.get(TRACE_ENV_VAR)
         self._trace = open(trace, "a", buffering=1) if trace else None  # noqa: SIM115
         self._measured: dict | None = None   # the last step's timing, for the trace
-        self._accepted: list[int] = []
+        self._accepted: list[int] = []       # the trace's accepted tokens per row
 
     # ---- before drafting -----------------------------------------------------
 
@@ -138,7 +138,8 @@ class AdaptiveChains:
                 if self.policy is not None:
                     self.policy.observe(req_id, proposed.source, len(proposed.tokens),
                                         len(accepted), proposed.match_len)
-            self._accepted.append(len(accepted))
+            if self._trace is not None:
+                self._accepted.append(len(accepted))
             tokens, match_len = (), 0
             if self.lookup is not None:
                 self.lookup.sync(req_id, input_batch.token_ids_cpu[row, :num_committed],
@@ -181,8 +182,8 @@ class AdaptiveChains:
         for row, (k, source) in enumerate(zip(plan.num_tokens, plan.sources, strict=True)):
             tokens = (plan.lookup_tokens[row] if source == LOOKUP else drafts[row])[:k]
             proposals.append(list(tokens))
-            self._proposed[plan.req_ids[row]] = _Proposed(
-                source, tuple(tokens), plan.lookup_match[row] if plan.lookup_match else 0)
+            self._proposed[plan.req_ids[row]] = _Proposed(source, tuple(tokens),
+                                                          plan.lookup_match[row])
         self._record_step(plan, drafting_ms)
         if draft_probs is None or not any(plan.num_tokens):
             return proposals, None
