@@ -73,6 +73,11 @@ class LongSpecConfig:
             (0..num_speculative_tokens) every step from its measured acceptance
             and the measured cost of drafting and verifying
             (``speculation/policy.py``); off: always the full chain.
+        hybrid_chains: chains: verify each request's proposed tokens with the
+            hybrid attention kernel trees use (``attention/cpu_backend.py``: one
+            pass over the cached prefix for all of a row's tokens, bf16 dot
+            products) instead of vLLM's CPU kernel. CPU only; on a GPU the hybrid
+            backend runs only with ``VLLM_LONGSPEC_GPU=1``. Off: vLLM's kernel.
     """
 
     model: str
@@ -82,6 +87,7 @@ class LongSpecConfig:
     tree: tuple[int, ...] | None = None
     context_lookup: bool = True
     adaptive: bool = True
+    hybrid_chains: bool = True
 
     @classmethod
     def allowed_keys(cls) -> tuple[str, ...]:
@@ -134,7 +140,7 @@ class LongSpecConfig:
                 f"got {sample!r}."
             )
         switches = {}
-        for key in ("context_lookup", "adaptive"):
+        for key in ("context_lookup", "adaptive", "hybrid_chains"):
             value = options.get(key, True)
             if not isinstance(value, bool):
                 raise LongSpecConfigError(f"Key {key!r} must be true or false, got {value!r}.")

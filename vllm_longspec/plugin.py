@@ -53,11 +53,9 @@ def register() -> None:
             )
     patches.apply_all()
     if attention_backend.requested_by_user():
-        # Alone it changes nothing for chains: rows without a tree keep vLLM's
-        # kernel unless VLLM_LONGSPEC_HYBRID_CHAINS=1 too
-        # (attention/tree_rows.py), measured within noise end to end
-        # (docs/hybrid-attention.md, "Measured"). Tree mode registers the
-        # backend by itself (patches/model_runner.py).
+        # In every process; LongSpec engines register it in their worker by
+        # themselves (trees, and chains with ``hybrid_chains``:
+        # patches/model_runner.py). Other engines' rows keep vLLM's kernel.
         attention_backend.register()
     if testing.requested():
         testing.apply()

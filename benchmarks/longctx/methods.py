@@ -83,7 +83,7 @@ def _package_missing(module: str, install_hint: str) -> str | None:
 
 def _longspec_config(options: MethodOptions, **switches: bool) -> SpeculativeConfig:
     """A LongSpec chain with the plugin's defaults, or with ``switches``
-    (``context_lookup``, ``adaptive``) set: the ablation variants."""
+    (``context_lookup``, ``adaptive``, ``hybrid_chains``) set: the ablation variants."""
     k = options.num_speculative_tokens
     return {"method": "longspec", "model": options.draft,
             **({"num_speculative_tokens": k} if k else {}), **switches}
@@ -181,6 +181,9 @@ METHODS: dict[str, Method] = {method.name: method for method in (
                       context_lookup=True, adaptive=False),
     _longspec_variant("longspec_policy", "adaptive policy, no lookup",
                       context_lookup=False, adaptive=True),
+    _longspec_variant("longspec_stock_kernel",
+                      "the defaults, chains verified with vLLM's attention kernel",
+                      hybrid_chains=False),
     Method("longspec_tree", _tree_summary, _tree_config, _no_draft,
            Parameters("W1,W2,...", _parse_tree)),
 )}

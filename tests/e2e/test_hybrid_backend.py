@@ -1,7 +1,7 @@
 """The hybrid tree-attention backend inside a real engine changes no token.
 
-With ``VLLM_LONGSPEC_HYBRID_ATTENTION=1`` the plugin overrides vLLM's CPU_ATTN
-backend; ``VLLM_LONGSPEC_HYBRID_CHAINS=1`` routes every multi-token chain row
+A LongSpec chain engine (``hybrid_chains``, the default) overrides vLLM's
+CPU_ATTN backend in its worker and routes every multi-token chain row
 (verification of the drafts, short prefill chunks) of the target through the
 hybrid path (paged prefix with log-sum-exp + masked part + merge) instead of
 vLLM's kernel. Greedy float32 output must stay identical to plain decoding,
@@ -30,9 +30,7 @@ def test_hybrid_chain_verification_matches_plain(
     result = run_engine_job(tmp_path, {
         "model": str(target_dir), "prompts": prompts, "max_tokens": MAX_TOKENS,
         "speculative_config": chain(random_draft_dir),
-        "env": {"VLLM_LONGSPEC_HYBRID_ATTENTION": "1",
-                "VLLM_LONGSPEC_HYBRID_CHAINS": "1",
-                "VLLM_LONGSPEC_HYBRID_USED_MARKER": str(marker),
+        "env": {"VLLM_LONGSPEC_HYBRID_USED_MARKER": str(marker),
                 **replay_env(tmp_path / "recorded.json", sequences)},
         "phases": [{"name": "batch", "mode": "batch"}],
     })
@@ -40,3 +38,21 @@ def test_hybrid_chain_verification_matches_plain(
     assert batch["token_ids"] == plain_outputs[:NUM_PROMPTS]
     assert batch["counters"]["vllm:spec_decode_num_accepted_tokens"] > 0
     assert marker.exists(), "the hybrid path never ran"
+
+
+def test_hybrid_chains_off_keeps_vllms_kernel(
+        tmp_path, target_dir, random_draft_dir, greedy_prompts, plain_outputs):
+    """``hybrid_chains: false``: the same tokens, and the hybrid path never runs."""
+    marker = tmp_path / "hybrid-used"
+    sequences = replayed(greedy_prompts[:1], plain_outputs[:1], CHAIN_REJECTIONS)
+    result = run_engine_job(tmp_path, {
+        "model": str(target_dir), "prompts": greedy_prompts[:1], "max_tokens": MAX_TOKENS,
+        "speculative_config": chain(random_draft_dir, hybrid_chains=False),
+        "env": {"VLLM_LONGSPEC_HYBRID_USED_MARKER": str(marker),
+                **replay_env(tmp_path / "recorded.json", sequences)},
+        "phases": [{"name": "batch", "mode": "batch"}],
+    })
+    batch = result["phases"]["batch"]
+    assert batch["token_ids"] == plain_outputs[:1]
+    assert batch["counters"]["vllm:spec_decode_num_accepted_tokens"] > 0
+    assert not marker.exists(), "hybrid_chains: false still ran the hybrid path"

@@ -11,6 +11,10 @@ def test_minimal_config_gets_defaults():
     config = LongSpecConfig.from_user_dict({"method": "longspec", "model": "/d"})
     assert config == LongSpecConfig(model="/d")
     assert config.draft_sample_method == "probabilistic"
+    assert config.context_lookup and config.adaptive and config.hybrid_chains
+    off = LongSpecConfig.from_user_dict({"method": "longspec", "model": "/d",
+                                         "hybrid-chains": False})
+    assert not off.hybrid_chains
 
 
 def test_default_k_is_a_ceiling_of_8_for_adaptive_chains_and_4_otherwise():
@@ -47,6 +51,8 @@ def test_dashes_are_accepted_like_vllm():
         ({"sliding_window": -1}, "'sliding_window'"),
         ({"sliding_window": 5.5}, "'sliding_window'"),
         ({"draft_sample_method": "beam"}, "'draft_sample_method'"),
+        ({"hybrid_chains": "yes"}, "'hybrid_chains' must be true or false"),
+        ({"adaptive": 1}, "'adaptive' must be true or false"),
         ({"model": ""}, "'model' is required"),
         ({"model": None}, "'model' is required"),
     ],

@@ -12,26 +12,12 @@ device of the batch) and adds each KV-cache group's block-table rows.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from vllm_longspec.tree.limits import MAX_SPEC_TOKENS
 from vllm_longspec.tree.mask import ancestor_mask, chain_parents, pack_ancestor_bits
-
-# Debug/benchmark switch (LongSpec engines whose hybrid backend is registered,
-# i.e. also VLLM_LONGSPEC_HYBRID_ATTENTION=1 for chains): verify every short
-# multi-token row (chains) with the hybrid path even without a tree. Off by
-# default: vLLM's causal kernel is exact for chains, and although the hybrid
-# path is faster on the attention alone in most measured shapes (bf16
-# 1.1-2.7x; fp32 1.2-2.6x at 5 tokens, 0.83-1.04x at 64), chain decoding
-# through it measured within noise end to end (docs/hybrid-attention.md).
-HYBRID_CHAINS_ENV = "VLLM_LONGSPEC_HYBRID_CHAINS"
-
-
-def hybrid_chains_enabled() -> bool:
-    return os.environ.get(HYBRID_CHAINS_ENV, "0") == "1"
 
 
 def rows_to_verify(

@@ -6,8 +6,7 @@ Why: the hybrid attention backend verifies the step's tree rows under their
     ancestor masks; vLLM calls its metadata builders with vLLM's arguments
     only, so the step must reach them here.
 How: run the original, then hand the rows to verify (the ``TreeStep``'s masks;
-    with the debug switch ``VLLM_LONGSPEC_HYBRID_CHAINS=1`` every short chain
-    row too) explicitly to each target layer's builder, which plans them once
+    with ``hybrid_chains`` every short multi-token row, as a chain) explicitly to each target layer's builder, which plans them once
     per configuration and adds each group's block table (``add_hybrid_plans``).
     The draft's group keeps vLLM's metadata. Otherwise the original alone.
 When it can go: when vLLM verifies speculative trees itself.
@@ -59,7 +58,6 @@ def apply() -> None:
     global _orig__build_attention_metadata
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_longspec.attention.tree_rows import hybrid_chains_enabled
     from vllm_longspec.patches.model_runner import longspec_proposer
 
     if _orig__build_attention_metadata is not None:
@@ -74,7 +72,7 @@ def apply() -> None:
         if proposer is None:
             return result
         step = proposer.tree_rounds.step if proposer.tree_rounds is not None else None
-        chains = hybrid_chains_enabled()
+        chains = proposer.hybrid_chains
         call = signature.bind(self, *args, **kwargs).arguments
         if (step is None and not chains) or call.get("for_cudagraph_capture"):
             return result

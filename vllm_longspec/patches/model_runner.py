@@ -12,8 +12,9 @@ How: run the original constructor, then, only when the draft is a LongSpec
     takes the draft-model branches. Nothing has been loaded at that point.
     Wrap ``self.rejection_sampler`` in ``SeededChainVerification`` (seeded
     requests get plain decoding's tokens, ``runner/seeded.py``). In tree
-    mode, also register the hybrid attention backend (before the model is
-    built, in this process) and wrap that in ``TreeRejectionSampler`` (the
+    mode, and for chains with ``hybrid_chains``, register the hybrid attention
+    backend (before the model is built, in this process); in tree mode wrap the
+    sampler in ``TreeRejectionSampler`` (the
     chain sampler still serves every step without trees). The other runner
     patches reach LongSpec's state through ``self.drafter``
     (``longspec_proposer``); nothing else is added to the runner.
@@ -61,11 +62,13 @@ def apply() -> None:
 
             self.drafter = LongSpecProposer(self.vllm_config, self.device, self)
             self.rejection_sampler = SeededChainVerification(self.rejection_sampler, self)
-            if self.drafter.tree_rounds is not None:
+            if self.drafter.tree_rounds is not None or self.drafter.hybrid_chains:
                 from vllm_longspec.patches import attention_backend
-                from vllm_longspec.runner.verification import TreeRejectionSampler
 
                 attention_backend.register()
+            if self.drafter.tree_rounds is not None:
+                from vllm_longspec.runner.verification import TreeRejectionSampler
+
                 self.rejection_sampler = TreeRejectionSampler(
                     self.rejection_sampler, self, self.drafter.tree_rounds)
 

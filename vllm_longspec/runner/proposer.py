@@ -63,6 +63,7 @@ from vllm.v1.spec_decode.draft_model import DraftModelProposer
 from vllm_longspec.attention.kv_cache import split_kv_cache
 from vllm_longspec.config import LongSpecConfig, LongSpecSettings
 from vllm_longspec.model.draft_inputs import CrossAttentionInputs, DraftRound
+from vllm_longspec.patches import attention_backend
 from vllm_longspec.runner import seeded
 from vllm_longspec.runner.adaptive_chains import AdaptiveChains
 from vllm_longspec.runner.sampling import batch_sampling
@@ -94,6 +95,9 @@ class LongSpecProposer(DraftModelProposer):
         self.tree_drafter: TreeDrafter | None = None
         # Chains: context lookup and the speculation policy.
         self.adaptive = self._adaptive_chains(config)
+        # Chains verified with the hybrid attention kernel (where it runs).
+        self.hybrid_chains = (config.hybrid_chains and self.tree_rounds is None
+                              and attention_backend.available())
 
     def _adaptive_chains(self, config: LongSpecConfig) -> AdaptiveChains | None:
         """Chains with context lookup and the speculation policy; None: vLLM's
