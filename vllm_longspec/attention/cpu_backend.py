@@ -81,7 +81,7 @@ class HybridCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
     @property
     def verifies_chains(self) -> bool:
-        """Chain rows of sliding-window layers keep vLLM's kernel (debug switch)."""
+        """Chain rows of sliding-window layers keep vLLM's kernel (``hybrid_chains``)."""
         return self.window_size == -1
 
     def plan(self, masks: Mapping[int, torch.Tensor], query_start_loc: Sequence[int],

@@ -123,7 +123,7 @@ class HybridFlashAttentionMetadataBuilder(FlashAttentionMetadataBuilder):
 
     @property
     def verifies_chains(self) -> bool:
-        """Chain rows of sliding-window layers keep vLLM's kernel (debug switch)."""
+        """Chain rows of sliding-window layers keep vLLM's kernel (``hybrid_chains``)."""
         return getattr(self.kv_cache_spec, "sliding_window", None) is None
 
     def plan(self, masks: Mapping[int, torch.Tensor], query_start_loc: Sequence[int],

@@ -6,8 +6,8 @@ Why: the hybrid attention backend verifies the step's tree rows under their
     ancestor masks; vLLM calls its metadata builders with vLLM's arguments
     only, so the step must reach them here.
 How: run the original, then hand the rows to verify (the ``TreeStep``'s masks;
-    with ``hybrid_chains`` every short multi-token row, as a chain) explicitly to each target layer's builder, which plans them once
-    per configuration and adds each group's block table (``add_hybrid_plans``).
+    with ``hybrid_chains`` every short multi-token row, as a chain) explicitly
+    to each target layer's builder, which plans them once per configuration and adds each group's block table (``add_hybrid_plans``).
     The draft's group keeps vLLM's metadata. Otherwise the original alone.
 When it can go: when vLLM verifies speculative trees itself.
 """

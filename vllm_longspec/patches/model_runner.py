@@ -14,8 +14,8 @@ How: run the original constructor, then, only when the draft is a LongSpec
     requests get plain decoding's tokens, ``runner/seeded.py``). In tree
     mode, and for chains with ``hybrid_chains``, register the hybrid attention
     backend (before the model is built, in this process); in tree mode wrap the
-    sampler in ``TreeRejectionSampler`` (the
-    chain sampler still serves every step without trees). The other runner
+    sampler in ``TreeRejectionSampler`` (the chain sampler still serves every
+    step without trees). The other runner
     patches reach LongSpec's state through ``self.drafter``
     (``longspec_proposer``); nothing else is added to the runner.
 When it can go: when vLLM lets plugins provide a proposer for a draft model.
