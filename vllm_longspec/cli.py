@@ -6,6 +6,7 @@
     vllm-longspec draft-vocab DRAFT --jsonl FILE --size N   cheaper draft LM head
     vllm-longspec evaluate --draft DIR [--prompts FILE]     accepted length, no vLLM
     vllm-longspec features build --config CONFIG --stage NAME   cache target features
+    vllm-longspec gpu-bundle pack --config CONFIG     train on a lent GPU (train/gpu_bundle.py)
 
 Subcommands import their module only when run, so ``vllm-longspec train``
 works without vLLM installed.
@@ -48,6 +49,12 @@ def _features(argv: list[str]) -> int:
     return main(argv)
 
 
+def _gpu_bundle(argv: list[str]) -> int:
+    from vllm_longspec.train.gpu_bundle import main
+
+    return main(argv)
+
+
 # name -> (one-line help, runner taking the subcommand's own argv)
 SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "train": ("train a LongSpec draft for a target model", _train),
@@ -55,6 +62,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[list[str]], int]]] = {
     "draft-vocab": ("restrict what a draft proposes to frequent tokens", _draft_vocab),
     "evaluate": ("a draft's accepted length on prompts, simulated without vLLM", _evaluate),
     "features": ("cache the target's features for training (resumable)", _features),
+    "gpu-bundle": ("pack a training run for a GPU machine, train it there", _gpu_bundle),
 }
 
 

@@ -4,8 +4,9 @@
     vllm-longspec train --config CONFIG --resume      # continue checkpoint-last.pt
 
 ``--output-dir``, ``--target``, ``--num-threads`` and ``--device`` override the config;
-``--max-steps N`` stops after N steps with a checkpoint (smoke tests, time
-slicing: run again with ``--resume``); ``--export-checkpoint DIR`` trains
+``--max-steps N`` stops after N steps with a checkpoint, ``--max-minutes M``
+after the step that ends M minutes in (smoke tests, time slicing: run again
+with ``--resume``); ``--export-checkpoint DIR`` trains
 nothing and exports the draft of ``checkpoint-last.pt`` as it stands (a point
 of a learning curve, ``benchmarks/learning_curve.py``). ``--layout published`` exports the draft
 as the reference code (sail-sg/LongSpec) saves one; ``--resume`` of a finished
@@ -35,6 +36,9 @@ def build_parser(prog: str = "vllm-longspec train") -> argparse.ArgumentParser:
     parser.add_argument("--device", help="cpu (default) or cuda[:N] (untested on a GPU so far)")
     parser.add_argument("--max-steps", type=int,
                         help="stop after this many steps of this run (checkpointed)")
+    parser.add_argument("--max-minutes", type=float,
+                        help="stop after the step that ends this many minutes into "
+                        "this run (checkpointed)")
     parser.add_argument("--export-checkpoint", metavar="DIR",
                         help="train nothing: export the latest checkpoint's draft to DIR")
     parser.add_argument("--layout", choices=LAYOUTS, default="longspec",
@@ -71,12 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"draft: {trainer.export(args.layout, Path(args.export_checkpoint))}")
         return 0
     try:
-        draft_dir = trainer.run(max_steps=args.max_steps, layout=args.layout)
+        draft_dir = trainer.run(
+            max_steps=args.max_steps, layout=args.layout,
+            max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     except DraftCheckpointError as err:  # checked before the first step
         print(f"error: {err}", file=sys.stderr)
         return 2
     if draft_dir is None:
-        print(f"stopped after --max-steps; resume with --resume "
+        print(f"stopped early (--max-steps / --max-minutes); resume with --resume "
               f"(checkpoint in {config.output_dir})")
     else:
         print(f"draft: {draft_dir}")

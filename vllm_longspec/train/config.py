@@ -37,7 +37,8 @@ class SourceConfig:
         a "text" field, or chat "messages" rendered with the target's chat
         template, loss on assistant tokens only), "tokens" (.npy/.bin of uint32
         token ids, already packed; read in pieces).
-    paths: glob patterns (``**`` allowed, ``{stdlib}`` expands).
+    paths: glob patterns (``**`` allowed; ``{stdlib}`` and ``{site}`` expand to the
+        running Python's standard library and site-packages).
     exclude: glob patterns matched against each file's resolved path.
     """
 
@@ -54,8 +55,10 @@ class SourceConfig:
             raise TrainConfigError("a source needs at least one entry in 'paths'.")
 
     def expanded_paths(self) -> list[str]:
-        stdlib = sysconfig.get_paths()["stdlib"]
-        return [os.path.expanduser(p.replace("{stdlib}", stdlib)) for p in self.paths]
+        places = sysconfig.get_paths()
+        return [os.path.expanduser(p.replace("{stdlib}", places["stdlib"])
+                                   .replace("{site}", places["purelib"]))
+                for p in self.paths]
 
 
 LOSS_ON = ("source", "all")

@@ -43,7 +43,7 @@ class DocumentIndex:
         return len(self.refs)
 
 
-def _matching_files(source: SourceConfig) -> list[Path]:
+def matching_files(source: SourceConfig) -> list[Path]:
     found: dict[Path, Path] = {}
     for pattern in source.expanded_paths():
         for name in glob.glob(str(Path(pattern).expanduser()), recursive=True):
@@ -85,7 +85,7 @@ def index_documents(
     refs: list[tuple[int, int]] = []
     for source in sources:
         skipped_before = len(exclusions.skipped)
-        kept = [p for p in _matching_files(source) if exclusions.allows(p)]
+        kept = [p for p in matching_files(source) if exclusions.allows(p)]
         for path in kept:
             refs += [(len(files), item) for item in _items(source, path)]
             files.append((source, path))

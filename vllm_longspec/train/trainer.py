@@ -273,9 +273,11 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------
 
-    def run(self, max_steps: int | None = None, layout: str = "longspec") -> Path | None:
+    def run(self, max_steps: int | None = None, layout: str = "longspec",
+            max_seconds: float | None = None) -> Path | None:
         """Train to the end and export (returns the draft dir); with ``max_steps``,
-        stop after that many steps of this run with a checkpoint (returns None).
+        stop after that many steps of this run with a checkpoint (returns None),
+        and likewise after the step that ends ``max_seconds`` into this run.
         ``layout`` is the export's (``save_draft``), checked before training."""
         if layout == "published":
             from vllm_longspec.model.checkpoint import check_publishable
@@ -286,6 +288,7 @@ class Trainer:
                     "the published layout has no place for the draft vocabulary "
                     "this run trains with (draft_vocab): export with layout longspec.")
         stages, steps_this_run = self.config.stages, 0
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
         while self.progress.stage_index < len(stages):
             stage = stages[self.progress.stage_index]
             stream = self._stream_for(self.progress.stage_index)
@@ -300,7 +303,8 @@ class Trainer:
                                 tok_s=f"{record['tokens_per_s']:.0f}")
                 if record["step"] % self.config.log_every == 0:
                     self.metrics.append(record)
-                stop = max_steps is not None and steps_this_run >= max_steps
+                stop = ((max_steps is not None and steps_this_run >= max_steps)
+                        or (deadline is not None and time.monotonic() >= deadline))
                 if record["step"] % self.config.checkpoint_every == 0 or stop:
                     self.save()
                 if stop:
