@@ -49,6 +49,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.e2e)
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """Trainers set torch's thread count (``num_threads``): restore it after each test."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def target_dir() -> Path:
     from vllm_longspec.assets import ensure_default_target

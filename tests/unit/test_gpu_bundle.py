@@ -10,7 +10,6 @@ import tarfile
 
 import numpy as np
 import pytest
-import torch
 
 from vllm_longspec.model.checkpoint import read_draft_checkpoint
 from vllm_longspec.train import gpu_bundle
@@ -35,13 +34,6 @@ def packed(tmp_path_factory):
     (root / "config.json").write_text(json.dumps(config))
     manifest = gpu_bundle.pack(root / "config.json", root / "bundle", PART_BYTES)
     return root, manifest
-
-
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_pack_cuts_parts_and_points_the_config_into_the_bundle(packed):

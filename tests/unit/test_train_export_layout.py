@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,13 +14,6 @@ from vllm_longspec.cli import main
 from vllm_longspec.model.checkpoint import read_draft_checkpoint
 from vllm_longspec.train.tiny_target import save_tiny_llama
 from vllm_longspec.train.trainer_checkpoint import checkpoint_path, load_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config_file(root, output, **overrides):

@@ -30,13 +30,6 @@ def workspace(tmp_path_factory):
     return root
 
 
-@pytest.fixture(autouse=True)
-def restore_torch_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(root: Path, output: str, **overrides) -> dict:
     stage = {
         "name": "short", "sources": [{"type": "tokens", "paths": [str(root / "tokens.npy")]}],
