@@ -82,7 +82,7 @@ def _bundle_contents(config_path: Path) -> tuple[dict, dict[str, Path]]:
     (name in the bundle -> path here)."""
     from vllm_longspec.train.config import load_config
     from vllm_longspec.train.exclusions import ExclusionSet
-    from vllm_longspec.train.sources import matching_files
+    from vllm_longspec.train.sources import kept_files
     from vllm_longspec.train.trainer import resolve_target_path
 
     config = load_config(config_path)
@@ -115,7 +115,7 @@ def _bundle_contents(config_path: Path) -> tuple[dict, dict[str, Path]]:
             if source.type == "text":
                 continue  # read on the GPU machine
             shipped = []
-            for path in filter(exclusions.allows, matching_files(source)):
+            for path in kept_files(source, exclusions):
                 bundled = f"data/{stage_index}-{len(files)}-{path.name}"
                 files[bundled] = path
                 shipped.append(f"{PLACEHOLDER}/{bundled}")

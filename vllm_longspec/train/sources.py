@@ -43,6 +43,11 @@ class DocumentIndex:
         return len(self.refs)
 
 
+def kept_files(source: SourceConfig, exclusions: ExclusionSet) -> list[Path]:
+    """The source's files that the run's exclusions (the benchmarks') allow."""
+    return [p for p in matching_files(source) if exclusions.allows(p)]
+
+
 def matching_files(source: SourceConfig) -> list[Path]:
     found: dict[Path, Path] = {}
     for pattern in source.expanded_paths():
@@ -85,7 +90,7 @@ def index_documents(
     refs: list[tuple[int, int]] = []
     for source in sources:
         skipped_before = len(exclusions.skipped)
-        kept = [p for p in matching_files(source) if exclusions.allows(p)]
+        kept = kept_files(source, exclusions)
         for path in kept:
             refs += [(len(files), item) for item in _items(source, path)]
             files.append((source, path))
